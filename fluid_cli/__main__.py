@@ -1,0 +1,3 @@
+from fluid_cli.cli import main
+
+main()

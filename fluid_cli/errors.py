@@ -1,0 +1,10 @@
+"""The one exception type for user mistakes.
+
+Anything a user can cause (a bad recipe, a missing file, a wrong flag) raises `FluidError` with a message that
+says what and where. The CLI prints that message on one line and exits with status 2; programming errors keep
+their tracebacks.
+"""
+
+
+class FluidError(Exception):
+    """A user-facing error: its message is printed as is, without a traceback."""

@@ -1,0 +1,40 @@
+"""Tiny random models and a tiny tokenizer, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+from fluid_cli.config import FluidConfig, ScratchModelConfig
+from fluid_cli.khead import KHead
+from fluid_cli.modeling import FluidMeta, FluidModel, build_scratch_model
+from fluid_cli.tokenizer import MASK, build_char_tokenizer
+
+# Architectures the invariants are checked on (transformers model_type names).
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "olmo2", "phi3", "granite"]
+
+
+def tiny_tokenizer():
+    return build_char_tokenizer()
+
+
+def tiny_model(arch: str = "llama", tokenizer=None, hidden: int = 32, layers: int = 2, seed: int = 0,
+               attn: str = "sdpa"):
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = ScratchModelConfig(architecture=arch, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256)
+    return build_scratch_model(cfg, tokenizer, attn_implementation=attn).eval()
+
+
+def tiny_fluid_model(arch: str = "llama", max_k: int = 4, seed: int = 0, **kw) -> FluidModel:
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, tok, seed=seed, **kw)
+    meta = FluidMeta(mask_token=MASK, mask_token_id=tok.convert_tokens_to_ids(MASK), max_k=max_k,
+                     vocab_size=len(tok), weights="full")
+    torch.manual_seed(seed + 1)
+    return FluidModel(model, KHead(model.config.hidden_size, max_k), meta, tok).eval()
+
+
+def fluid_config(**kw) -> FluidConfig:
+    return FluidConfig(mask_token=MASK, **kw)
