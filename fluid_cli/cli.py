@@ -58,5 +58,14 @@ def _root(
     """FLUID toolkit."""
 
 
+@app.command("recipe")
+def recipe(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Validate a recipe and print it fully resolved (defaults filled in, overrides applied)."""
+    from fluid_cli.config import dump_recipe, load_recipe
+
+    with user_errors():
+        typer.echo(dump_recipe(load_recipe(recipe, set_)), nl=False)
+
+
 def main() -> None:
     app()

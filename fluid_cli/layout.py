@@ -200,7 +200,7 @@ def expand_batch(
     real = attention_mask.bool()
     main_pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # handles left padding too
     main_labels = torch.full_like(labels, IGNORE)
-    main_labels[:, :-1] = torch.where(real[:, 1:], labels[:, 1:], IGNORE)
+    main_labels[:, :-1] = torch.where(real[:, 1:] & real[:, :-1], labels[:, 1:], IGNORE)
 
     # Blocks in row-major (example, anchor) order, and the slots they expand into.
     bb, ii = plan.k.nonzero(as_tuple=True)
@@ -236,7 +236,7 @@ def expand_batch(
     return ExpandedBatch(
         input_ids=fill(torch.where(real, input_ids, 0), tokens, 0),
         labels=fill(main_labels, slot_labels, IGNORE),
-        position_ids=fill(main_pos, main_pos[sb, si] + j + 1, 0),
+        position_ids=fill(torch.where(real, main_pos, 0), main_pos[sb, si] + j + 1, 0),
         slot_type=fill(torch.where(real, MAIN, PAD_SLOT), torch.full_like(sb, MASK_SLOT), PAD_SLOT),
         anchor=fill(torch.where(real, cols, neg), si, -1),
         block=fill(neg, block_in_row[slot_block], -1),

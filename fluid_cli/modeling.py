@@ -202,12 +202,12 @@ class FluidModel(nn.Module):
             if not meta.base_model:
                 raise FluidError(f"{folder / META_NAME}: adapter weights but no base_model recorded")
             base = _from_pretrained(meta.base_model, **common)
-            if base.get_input_embeddings().num_embeddings < meta.vocab_size:
+            if embedding_rows(base) < meta.vocab_size:
                 base.resize_token_embeddings(meta.vocab_size)
             backbone = PeftModel.from_pretrained(base, folder)
             if merge:
                 backbone = backbone.merge_and_unload()
-        embeddings = backbone.get_input_embeddings().num_embeddings
+        embeddings = embedding_rows(backbone)
         if embeddings < meta.vocab_size or meta.mask_token_id >= embeddings:
             raise FluidError(
                 f"{folder}: model has {embeddings} embeddings but {META_NAME} expects {meta.vocab_size} "
@@ -226,6 +226,13 @@ class FluidModel(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding (peft may wrap the layer, so read the weight's shape)."""
+    emb = model.get_input_embeddings()
+    weight = emb.base_layer.weight if hasattr(emb, "base_layer") else emb.weight
+    return int(weight.shape[0])
 
 
 def hidden_size_of(config: Any) -> int:
@@ -316,7 +323,7 @@ def resolve_mask_token(tokenizer: Any, model: PreTrainedModel, cfg: FluidConfig)
         tokenizer.add_tokens([AddedToken(cfg.mask_token, special=True, normalized=False)], special_tokens=True)
         token_id = tokenizer.convert_tokens_to_ids(cfg.mask_token)
         added = True
-    if token_id >= model.get_input_embeddings().num_embeddings:
+    if token_id >= embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     return int(token_id), added
 

@@ -37,4 +37,4 @@ def tiny_fluid_model(arch: str = "llama", max_k: int = 4, seed: int = 0, **kw) -
 
 
 def fluid_config(**kw) -> FluidConfig:
-    return FluidConfig(mask_token=MASK, **kw)
+    return FluidConfig(**{"mask_token": MASK, **kw})
