@@ -1,0 +1,571 @@
+"""Stage I training (METHOD 1): joint next-token and mask-block prediction, on accelerate.
+
+    fluid train-stage1 recipes/tiny-stage1.toml [--set train.max_steps=50] [--resume]
+
+`run` reads top to bottom:
+
+1. check the inputs (dataset folder, output folder, resume point) before anything heavy happens;
+2. build the model: a pretrained causal LM (`[model] path`) or one grown from scratch (`[model.scratch]`), the
+   mask token (reused or added), LoRA (`[lora]`) or full fine-tuning, and an untrained K-head;
+3. cut the prepared dataset into steps: every epoch is a seeded permutation of the rows, each optimizer step
+   takes `grad_accum` micro-batches of `batch_size` rows on every process;
+4. for each micro-batch: `layout.pad_batch` -> `layout.build_expanded_batch` (anchors, blocks, reveal, noise,
+   drawn from a seeded generator) -> `FluidModel.stage1_loss` -> backward; AdamW, cosine schedule with warmup,
+   gradient clipping;
+5. every `log_steps` append the window's means to `metrics.jsonl`; every `save_steps` write a checkpoint
+   (trainable weights, optimizer, scheduler, every RNG including the layout generator, data position);
+6. write the FLUID model directory (`FluidModel.save`, `fluid.json` last), `train-summary.json` and
+   `fluid-config.toml` into `[train] output_dir`.
+
+Everything that decides a step (data order, layout draws, dropout) is a function of the seed and the step, and
+all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's losses exactly (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
+
+from fluid_cli.config import FluidConfig, Recipe
+from fluid_cli.errors import FluidError
+from fluid_cli.io import write_json_atomic, write_text_atomic
+from fluid_cli.khead import KHead
+from fluid_cli.layout import ExpandedBatch, PAD_SLOT, build_expanded_batch, pad_batch
+from fluid_cli.modeling import (
+    META_NAME,
+    FluidMeta,
+    FluidModel,
+    Stage1Loss,
+    apply_lora,
+    build_scratch_model,
+    hidden_size_of,
+    load_pretrained,
+    load_tokenizer,
+    noise_token_ids,
+    resolve_mask_token,
+)
+
+CHECKPOINTS = "checkpoints"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "train-summary.json"
+STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def dataset_dir(cfg: Recipe) -> Path:
+    return Path(cfg.train.dataset or cfg.data.output_dir)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (`checkpoints/step-N`; half-written ones are hidden `.step-N.tmp`)."""
+    found = [(int(m.group(1)), p) for p in (output_dir / CHECKPOINTS).glob("step-*")
+             if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def preflight(cfg: Recipe, resume: bool) -> None:
+    """Cheap checks of the inputs, run before launching processes so a mistake is one line, not a traceback per rank."""
+    data = dataset_dir(cfg)
+    where = "[train] dataset" if cfg.train.dataset else "[data] output_dir"
+    if not data.is_dir():
+        raise FluidError(f"{where}: dataset folder {data} not found (run `fluid prepare-data` with this recipe first)")
+    if cfg.model.scratch is None and cfg.model.path is None:
+        raise FluidError("[model] path: no model given (set path, or [model.scratch] to grow one)")
+    if cfg.model.scratch is not None and cfg.lora.enabled:
+        raise FluidError("[lora] enabled: a model grown from scratch trains all its weights; "
+                         "set [lora] enabled = false")
+    for name in ("batch_size", "grad_accum", "save_steps", "log_steps"):
+        if getattr(cfg.train, name) < 1:
+            raise FluidError(f"[train] {name}: expected at least 1, got {getattr(cfg.train, name)}")
+    out = Path(cfg.train.output_dir)
+    if resume and latest_checkpoint(out) is None:
+        raise FluidError(f"--resume: no checkpoint in {out / CHECKPOINTS} to resume from")
+    if not resume and (latest_checkpoint(out) is not None or (out / META_NAME).exists()):
+        raise FluidError(
+            f"[train] output_dir: {out} already holds a run; pass --resume to continue it, "
+            "or remove it / choose another output_dir"
+        )
+
+
+def load_train_split(cfg: Recipe) -> Any:
+    """The `train` split of the prepared dataset (columns `input_ids`, `labels`)."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = dataset_dir(cfg)
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise FluidError(f"{path}: not a dataset saved by `fluid prepare-data` (no dataset_dict.json)") from None
+    if not isinstance(data, DatasetDict) or "train" not in data:
+        raise FluidError(f"{path}: expected a DatasetDict with a 'train' split (as `fluid prepare-data` writes)")
+    train = data["train"]
+    missing = {"input_ids", "labels"} - set(train.column_names)
+    if missing:
+        raise FluidError(f"{path}: the train split lacks column(s) {', '.join(sorted(missing))}")
+    if len(train) == 0:
+        raise FluidError(f"{path}: the train split is empty")
+    return train.select_columns(["input_ids", "labels"])
+
+
+def dataset_tokenizer(cfg: Recipe) -> Any | None:
+    """The tokenizer `prepare-data` saved next to the data (`<dataset>/tokenizer/`), if any."""
+    folder = dataset_dir(cfg) / "tokenizer"
+    if not folder.is_dir():
+        return None
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def check_same_vocabulary(data_tok: Any, model_tok: Any, cfg: Recipe) -> None:
+    """The data's token ids must mean what the model's tokenizer says they mean (the mask token aside)."""
+    data_vocab, model_vocab = data_tok.get_vocab(), model_tok.get_vocab()
+    differ = sorted(t for t in data_vocab.keys() | model_vocab.keys()
+                    if t != cfg.fluid.mask_token and data_vocab.get(t) != model_vocab.get(t))
+    if differ:
+        raise FluidError(
+            f"{dataset_dir(cfg) / 'tokenizer'}: the dataset was tokenized with a different tokenizer than "
+            f"[model] {cfg.model.tokenizer or cfg.model.path} ({len(differ)} tokens differ, e.g. {differ[0]!r}); "
+            "run `fluid prepare-data` with this recipe's model"
+        )
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: Recipe) -> FluidModel:
+    """The model to train: backbone (pretrained or scratch), mask token, LoRA or full weights, untrained K-head."""
+    data_tok = dataset_tokenizer(cfg)
+    if cfg.model.scratch is not None:
+        tokenizer = data_tok if data_tok is not None else load_tokenizer(cfg.model)
+        lm = build_scratch_model(cfg.model.scratch, tokenizer, cfg.model.attn_implementation)
+        base_model = None
+    else:
+        lm, tokenizer = load_pretrained(cfg.model)
+        if data_tok is not None:
+            check_same_vocabulary(data_tok, tokenizer, cfg)
+            tokenizer = data_tok  # it carries the chat template the data was rendered with
+        base_model = model_reference(cfg.model.path)
+    mask_id, _ = resolve_mask_token(tokenizer, lm, cfg.fluid)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input gradients, so frozen embeddings under LoRA are fine.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vocab_size = lm.get_input_embeddings().num_embeddings  # before LoRA wraps the embedding
+    backbone = apply_lora(lm, cfg.lora, mask_id) if cfg.lora.enabled else lm
+    meta = FluidMeta(
+        mask_token=cfg.fluid.mask_token,
+        mask_token_id=mask_id,
+        max_k=cfg.fluid.max_k,
+        vocab_size=vocab_size,
+        base_model=base_model,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    # Stage II trains the K-head; it is saved untrained now so the directory is complete and loadable.
+    khead = KHead(hidden_size_of(lm.config), cfg.fluid.max_k).requires_grad_(False)
+    return FluidModel(backbone, khead, meta, tokenizer)
+
+
+def model_reference(path: str) -> str:
+    """How `fluid.json` names the base model: an absolute path for a local folder (loadable from anywhere), else
+    the hub id as given."""
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
+class Stage1Objective(nn.Module):
+    """The module accelerate wraps (DDP, FSDP, DeepSpeed): its forward is the Stage I loss, so the wrapper's
+    gradient synchronisation sees every backbone call."""
+
+    def __init__(self, fluid: FluidModel, cfg: FluidConfig):
+        super().__init__()
+        self.fluid = fluid
+        self.ar_weight, self.diff_weight = cfg.ar_weight, cfg.diff_weight
+        # FSDP's transformer auto-wrap policy looks for the decoder layer class here.
+        self._no_split_modules = getattr(fluid.lm, "_no_split_modules", None)
+
+    def forward(self, ex: ExpandedBatch) -> Stage1Loss:
+        return self.fluid.stage1_loss(ex, self.ar_weight, self.diff_weight)
+
+
+def adamw(model: nn.Module, cfg: Recipe) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay only on matrices (not norms, biases, token rows)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+
+
+# --------------------------------------------------------------------------------------------- data order
+
+
+@dataclass
+class Schedule:
+    """How the rows are cut into steps; every process computes the same one.
+
+    A *global micro-batch* is `batch_size` rows on each of `world` processes; an epoch is `rows // (batch_size *
+    world)` of them (the remainder is dropped so every process runs the same number of steps) and an optimizer
+    step is `grad_accum` of them. The position in the data is therefore just the step number.
+
+    >>> s = Schedule.of(rows=100, batch_size=4, grad_accum=2, world=2, max_steps=None, epochs=3.0, warmup_ratio=0.1)
+    >>> s.micro_per_epoch, s.total_steps, s.warmup_steps
+    (12, 18, 2)
+    """
+
+    micro_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, rows: int, batch_size: int, grad_accum: int, world: int, max_steps: int | None, epochs: float,
+           warmup_ratio: float) -> Schedule:
+        micro = rows // (batch_size * world)
+        if micro == 0:
+            raise FluidError(
+                f"[train] batch_size: the dataset has {rows} rows, fewer than one batch "
+                f"({batch_size} rows x {world} processes)"
+            )
+        total = max_steps if max_steps is not None else max(1, math.ceil(epochs * micro / grad_accum))
+        if total < 1:
+            raise FluidError(f"[train] max_steps: expected at least 1, got {total}")
+        return cls(micro, total, math.ceil(warmup_ratio * total))
+
+
+def micro_batches(train: Any, sched: Schedule, start: int, batch_size: int, rank: int, world: int,
+                  seed: int) -> Iterator[list[dict]]:
+    """This process's rows for global micro-batch `start`, `start + 1`, ... (epoch `e` is permutation `seed + e`)."""
+    epoch, skip = divmod(start, sched.micro_per_epoch)
+    while True:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for j in range(skip, sched.micro_per_epoch):
+            first = (j * world + rank) * batch_size
+            cols = train[order[first:first + batch_size]]
+            yield [{"input_ids": i, "labels": l} for i, l in zip(cols["input_ids"], cols["labels"])]
+        epoch, skip = epoch + 1, 0
+
+
+def expand(rows: list[dict], cfg: Recipe, meta: FluidMeta, pad_id: int, noise_ids: torch.Tensor,
+           generator: torch.Generator) -> ExpandedBatch:
+    """One micro-batch in the Stage I layout (METHOD 1.1-1.3), built on the CPU from the seeded generator."""
+    batch = pad_batch(rows, pad_id)
+    top = int(batch["input_ids"].max())
+    if top >= meta.vocab_size:
+        raise FluidError(f"{dataset_dir(cfg)}: token id {top} is outside the model's vocabulary "
+                         f"({meta.vocab_size}); prepare the data with this recipe's model")
+    f = cfg.fluid
+    return build_expanded_batch(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], mask_token_id=meta.mask_token_id,
+        max_k=f.max_k, p_anchor=f.p_anchor, fixed_k=f.fixed_k, reveal=f.reveal, noise=f.noise, noise_ids=noise_ids,
+        max_expanded_len=cfg.train.max_expanded_len, generator=generator,
+    )
+
+
+def to_device(ex: ExpandedBatch, device: torch.device) -> ExpandedBatch:
+    return dataclasses.replace(ex, **{f.name: getattr(ex, f.name).to(device) for f in dataclasses.fields(ex)
+                                      if isinstance(getattr(ex, f.name), torch.Tensor)})
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def keep_trainable(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+    """`save_state` hook: checkpoint only the trainable weights (a LoRA checkpoint of a 7B model is then
+    megabytes, not the whole frozen base model). Loading therefore uses `strict=False`."""
+    for model, state in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in [k for k in state if k not in trainable]:
+            del state[name]
+
+
+def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Generator, state: dict,
+                    limit: int) -> None:
+    """Write `checkpoints/step-N` through a hidden temporary folder, then prune to the newest `limit`."""
+    final = out / CHECKPOINTS / f"step-{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    torch.save(layout_rng.get_state(), tmp / f"layout_rng_{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json_atomic(tmp / STATE_NAME, state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        kept = sorted((int(_CHECKPOINT_RE.match(p.name).group(1)), p) for p in (out / CHECKPOINTS).glob("step-*")
+                      if _CHECKPOINT_RE.match(p.name))
+        for _, old in kept[:-limit] if limit > 0 else []:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator, expected: dict) -> int:
+    """Restore a checkpoint written by `save_checkpoint`; returns the step it was taken after."""
+    state = json.loads((path / STATE_NAME).read_text())
+    for key in ("world_size", "batch_size", "grad_accum", "seed"):
+        if state[key] != expected[key]:
+            raise FluidError(
+                f"--resume: {path} was written with {key} = {state[key]}, the run now has {expected[key]}; "
+                "resuming would not continue the same run"
+            )
+    whole_model_formats = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    acc.load_state(str(path), **({} if acc.distributed_type in whole_model_formats else {"strict": False}))
+    layout_rng.set_state(torch.load(path / f"layout_rng_{acc.process_index}.pt"))
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one JSON object per logged step, written by the main process only.
+
+    On resume the records after the checkpoint are dropped: the resumed run writes them again.
+    """
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", math.inf) <= start_step:
+                    kept.append(line + "\n")
+        write_text_atomic(path, "".join(kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Window:
+    """Sums since the last log. Losses stay on the device (no synchronisation per micro-batch); everything is
+    reduced over processes only when logging, in one collective."""
+
+    def __init__(self, device: torch.device):
+        self.losses = torch.zeros(3, dtype=torch.float64, device=device)  # loss, loss_ar, loss_diff
+        self.micro = self.tokens = self.expanded = self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, out: Stage1Loss, ex: ExpandedBatch) -> None:
+        """`ex` is the batch still on the CPU, so counting its slots costs no device synchronisation."""
+        self.losses += torch.stack([out.loss.detach(), out.loss_ar.detach(), out.loss_diff.detach()]).double()
+        self.micro += 1
+        real = ex.slot_type != PAD_SLOT
+        self.expanded += int(real.sum())  # tokens + mask slots
+        self.tokens += int(real[:, : ex.num_main].sum())  # the original sequences' real tokens
+
+    def reduce(self, acc: Accelerator) -> dict[str, float]:
+        counts = torch.tensor([self.micro, self.tokens, self.expanded], dtype=torch.float64, device=self.losses.device)
+        loss, ar, diff, micro, tokens, expanded = acc.reduce(torch.cat([self.losses, counts]), "sum").tolist()
+        seconds = time.perf_counter() - self.started
+        return {"loss": loss / micro, "loss_ar": ar / micro, "loss_diff": diff / micro,
+                "tokens": int(tokens), "expanded_tokens": int(expanded), "seconds": seconds,
+                "steps_per_s": self.steps / seconds, "tokens_per_s": tokens / seconds,
+                "expanded_tokens_per_s": expanded / seconds}
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]stage 1"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+        console=console, disable=not enabled,
+    )
+
+
+def weight_fingerprint(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Sum and sum of squares of the trainable weights: equal on every data-parallel rank when they agree."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for p in model.parameters():
+        if p.requires_grad:
+            w = p.detach().to(device, torch.float64)
+            total += torch.stack([w.sum(), w.square().sum()])
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def make_accelerator(cfg: Recipe) -> Accelerator:
+    """The accelerator for this process; precision comes from the recipe, not from accelerate's config."""
+    mixed = cfg.launch.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    tensorboard = cfg.train.tensorboard
+    if tensorboard and not is_tensorboard_available():
+        raise FluidError("[train] tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        # Several processes without a GPU: run them on CPU with gloo instead of failing to find devices.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=str(Path(cfg.train.output_dir) / "tensorboard"),
+    )
+
+
+def run(cfg: Recipe, resume: bool = False) -> Path:
+    """Train Stage I as the recipe says and write the FLUID model directory; returns its path."""
+    preflight(cfg, resume)
+    hf_logging.disable_progress_bar()  # the loop has its own progress display
+    out = Path(cfg.train.output_dir)
+    acc = make_accelerator(cfg)
+    main = acc.is_main_process
+    set_seed(cfg.train.seed)  # identical initialisation (LoRA, scratch weights, new token rows) on every rank
+    train = load_train_split(cfg)
+    fluid = build_model(cfg)
+    tokenizer = fluid.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is never attended
+    noise_ids = noise_token_ids(tokenizer, fluid.meta.vocab_size)
+    use_cache = fluid.lm.config.use_cache
+    fluid.lm.config.use_cache = False  # no KV cache while training
+
+    t = cfg.train
+    sched = Schedule.of(len(train), t.batch_size, t.grad_accum, acc.num_processes, t.max_steps, t.epochs,
+                        t.warmup_ratio)
+    objective = Stage1Objective(fluid, cfg.fluid)
+    optimizer = adamw(objective, cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, sched.warmup_steps, sched.total_steps)
+    objective, optimizer = acc.prepare(objective, optimizer)
+    # Stepped once per optimizer step by the loop itself, so it is registered rather than prepared (a prepared
+    # scheduler steps once per process).
+    acc.register_for_checkpointing(scheduler)
+    acc.register_save_state_pre_hook(keep_trainable)
+    layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
+    run_state = {"world_size": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                 "seed": t.seed}
+
+    start = load_checkpoint(acc, latest_checkpoint(out), layout_rng, run_state) if resume else 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+        trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+        console.print(
+            f"stage 1: {len(train)} rows, {sched.total_steps} steps of {t.batch_size} x {t.grad_accum} x "
+            f"{acc.num_processes} rows, {trainable:,} trainable parameters, {acc.device}, "
+            f"{'fp32' if acc.mixed_precision == 'no' else acc.mixed_precision}"
+            + (f", resuming after step {start}" if start else "")
+        )
+    metrics = MetricsLog(out / METRICS_NAME, start, enabled=main)
+    if t.tensorboard:
+        acc.init_trackers("stage1")
+
+    objective.train()
+    batches = micro_batches(train, sched, start * t.grad_accum, t.batch_size, acc.process_index,
+                            acc.num_processes, t.seed)
+    window, totals = Window(acc.device), {"tokens": 0, "expanded_tokens": 0, "seconds": 0.0}
+    last: dict[str, Any] = {}
+    grad_norm = None
+    with progress_bar(main) as progress:
+        task = progress.add_task("stage 1", total=sched.total_steps, completed=start, rate="", stats="")
+        for step in range(start + 1, sched.total_steps + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            for _ in range(t.grad_accum):
+                ex = expand(next(batches), cfg, fluid.meta, pad_id, noise_ids, layout_rng)
+                with acc.accumulate(objective):
+                    loss = objective(to_device(ex, acc.device))
+                    acc.backward(loss.loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(objective.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                window.add(loss, ex)
+            scheduler.step()
+            window.steps += 1
+
+            if step % t.log_steps == 0 or step == sched.total_steps:
+                stats = window.reduce(acc)
+                for key in totals:
+                    totals[key] += stats[key]
+                last = {"step": step, "epoch": round(step * t.grad_accum / sched.micro_per_epoch, 4),
+                        "loss": stats["loss"], "loss_ar": stats["loss_ar"], "loss_diff": stats["loss_diff"],
+                        "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens_per_s": stats["tokens_per_s"], "expanded_tokens_per_s": stats["expanded_tokens_per_s"],
+                        "steps_per_s": stats["steps_per_s"]}
+                metrics.write(last)
+                if t.tensorboard:
+                    acc.log({k: v for k, v in last.items() if k != "step" and v is not None}, step=step)
+                progress.update(task, rate=f"{stats['steps_per_s']:.2f} steps/s, {stats['tokens_per_s']:,.0f} tok/s "
+                                           f"({stats['expanded_tokens_per_s']:,.0f} expanded)",
+                                stats=f"loss {stats['loss']:.3f} (ar {stats['loss_ar']:.3f}, "
+                                      f"diff {stats['loss_diff']:.3f}) lr {lr:.2e}")
+                window = Window(acc.device)
+            progress.update(task, completed=step)
+            if step % t.save_steps == 0:
+                save_checkpoint(acc, out, step, layout_rng, {**run_state, "step": step,
+                                "micro_batches": step * t.grad_accum, "total_steps": sched.total_steps},
+                                t.save_total_limit)
+
+    save_final(acc, objective, fluid, out, use_cache, start, sched, totals, last)
+    if t.tensorboard:
+        acc.end_training()
+    return out
+
+
+def save_final(acc: Accelerator, objective: nn.Module, fluid: FluidModel, out: Path, use_cache: bool, start: int,
+               sched: Schedule, totals: dict, last: dict) -> None:
+    """Write the FLUID model directory and `train-summary.json` (main process; every rank joins the gathers)."""
+    fingerprint = acc.gather(weight_fingerprint(objective, acc.device).unsqueeze(0)).tolist()
+    # FSDP shards the weights: gather them into one state dict; the other setups hold them whole already.
+    state = None
+    if acc.distributed_type == DistributedType.FSDP:
+        prefix = "fluid.backbone."
+        state = {k[len(prefix):]: v for k, v in acc.get_state_dict(objective).items() if k.startswith(prefix)}
+    peaks = acc.gather(torch.tensor([[peak_rss_mb(),
+                                      torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0]],
+                                    device=acc.device)).amax(0).tolist()
+    if acc.is_main_process:
+        fluid.lm.config.use_cache = use_cache
+        fluid.save(out, state_dict=state)
+        seconds = totals["seconds"]
+        steps = sched.total_steps - start
+        same = acc.distributed_type == DistributedType.FSDP or all(f == fingerprint[0] for f in fingerprint)
+        summary = {
+            "steps": sched.total_steps, "steps_this_run": steps, "world_size": acc.num_processes,
+            "seconds": round(seconds, 3), "steps_per_s": steps / seconds if seconds else None,
+            "tokens_per_s": totals["tokens"] / seconds if seconds else None,
+            "expanded_tokens_per_s": totals["expanded_tokens"] / seconds if seconds else None,
+            "tokens": totals["tokens"], "expanded_tokens": totals["expanded_tokens"],
+            "peak_rss_mb": round(peaks[0], 1), "peak_gpu_memory_gib": round(peaks[1], 3) or None,
+            "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+            "final": last, "rank_weight_fingerprints": fingerprint, "ranks_agree": same,
+        }
+        write_json_atomic(out / SUMMARY_NAME, summary)
+        if not same:
+            console.print(f"[bold red]warning:[/] the processes ended with different weights: {fingerprint}")
+        console.print(f"stage 1: wrote {out} ({summary['steps_per_s'] or 0:.2f} steps/s, "
+                      f"{summary['tokens_per_s'] or 0:,.0f} tok/s, peak RSS {summary['peak_rss_mb']:.0f} MB)")
+    acc.wait_for_everyone()
