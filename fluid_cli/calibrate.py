@@ -40,7 +40,6 @@ from fluid_cli.io import write_json_atomic
 from fluid_cli.khead import KHead, gaussian_soft_labels, horizon_from_curve, predict_horizon, soft_cross_entropy
 from fluid_cli.layout import IGNORE, MASK_SLOT, ExpandedBatch, build_expanded_batch, pad_batch
 from fluid_cli.modeling import KHEAD_NAME, FluidMeta, FluidModel, hidden_size_of, torch_dtype
-from fluid_cli.train import to_device
 
 REPORT_NAME = "calibration.json"
 LOGIT_CHUNK = 4096  # slots per LM-head call: bounds the [slots, vocab] logits for large vocabularies
@@ -182,7 +181,7 @@ def collect_pairs(
             max_k=model.max_k, p_anchor=p_anchor, fixed_k=True, reveal=False, noise=0.0, generator=generator,
         )
         with torch.inference_mode():
-            store.append(*block_losses(model, to_device(ex, device)))
+            store.append(*block_losses(model, ex.to(device)))
         if advance is not None:
             advance(len(rows))
     return store.finish()
@@ -443,7 +442,7 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
         "steps": kc.steps, "lr": kc.lr,
     }
     write_json_atomic(model_dir / REPORT_NAME, report)
-    cfg.save(model_dir)
+    cfg.save(model_dir, name="calibration-config.toml")  # the Stage I recipe stays beside it
     model.save_khead(model_dir)  # fluid.json last: the directory is complete at every moment
     _print_report(Console(), report)
     return report

@@ -33,6 +33,7 @@ The block at anchor 1 sees `a, b` and itself causally, exactly as a plain forwar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class ExpandedBatch:
     block: torch.Tensor  # [B, L] block index within the row for mask slots, -1 otherwise
     offset: torch.Tensor  # [B, L] slot number o = 1..k within its block, 0 otherwise
     num_main: int  # N: columns 0..N-1 are the main tokens
+
+    def to(self, device: torch.device | str) -> ExpandedBatch:
+        """The same batch with every tensor moved to `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense 4D additive mask `[B, 1, L, L]` (0 where allowed, the dtype's minimum elsewhere)."""

@@ -23,7 +23,6 @@ all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -282,11 +281,6 @@ def expand(rows: list[dict], cfg: Recipe, meta: FluidMeta, pad_id: int, noise_id
     )
 
 
-def to_device(ex: ExpandedBatch, device: torch.device) -> ExpandedBatch:
-    return dataclasses.replace(ex, **{f.name: getattr(ex, f.name).to(device) for f in dataclasses.fields(ex)
-                                      if isinstance(getattr(ex, f.name), torch.Tensor)})
-
-
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -496,7 +490,7 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
             for _ in range(t.grad_accum):
                 ex = expand(next(batches), cfg, fluid.meta, pad_id, noise_ids, layout_rng)
                 with acc.accumulate(objective):
-                    loss = objective(to_device(ex, acc.device))
+                    loss = objective(ex.to(acc.device))
                     acc.backward(loss.loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(objective.parameters(), t.max_grad_norm)

@@ -260,7 +260,7 @@ def test_calibrate_end_to_end_sweep(stage1):
                  "holdout_pairs": report["pairs"]["holdout"]},
         "steps": 300, "lr": 3e-3,
     }
-    assert "sigma = 1.25" in (model_dir / "fluid-config.toml").read_text()  # the calibration's resolved recipe
+    assert "sigma = 1.25" in (model_dir / "calibration-config.toml").read_text()  # the calibration recipe
     assert (model_dir / "model.safetensors").read_bytes() == weights  # the backbone is untouched
     assert not list(model_dir.glob(".calibrate.*"))  # the temporary pair store is gone
     assert FluidModel.load(model_dir).khead.max_k == K

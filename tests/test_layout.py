@@ -12,7 +12,6 @@ from fluid_cli.layout import (
     MAIN,
     MASK_SLOT,
     PAD_SLOT,
-    BlockPlan,
     allowed_attention,
     build_expanded_batch,
     eligible_anchors,
