@@ -1,0 +1,315 @@
+"""The lm-evaluation-harness model `fluid`: FLUID (or plain greedy) generation, causal log-likelihoods.
+
+`generate_until` decodes each request with `fluid_cli.decode.fluid_decode` (`decoder=ar`: `ar_decode`, plain
+greedy decoding of the same weights), honouring the request's stop strings (`until`, plus EOS) and
+`max_gen_toks`; decoding is always greedy. `loglikelihood` and `loglikelihood_rolling` are ordinary causal
+forwards of the backbone, batched, so multiple-choice tasks such as MMLU work as for any causal LM.
+
+Registering: importing this module registers the model name `fluid` with lm-eval. lm-eval 0.4.13 has no hook
+that imports third-party code before it looks a model name up (no entry points, and `--include_path` only
+indexes task YAMLs), so the harness's own command line is run through this module, which registers `fluid`
+first and then hands every argument to lm-eval's `cli_evaluate`::
+
+    python -m fluid_cli.lm_eval_adapter --model fluid --model_args model=runs/stage1,decoder=fluid \\
+        --tasks gsm8k --limit 20
+
+From Python, import this module and call `lm_eval.simple_evaluate(model="fluid", ...)`, or pass a `FluidLM`.
+
+Model arguments (`--model_args k=v,...`): `model` (a FLUID model directory; with `decoder=ar` also a plain
+transformers model directory), `decoder` (fluid | ar), `horizon`, `tau`, `threshold`, `max_k`, `min_k`, `verify`
+(the `DecodeSettings` of `fluid generate`), `max_length` (context, defaults to the model's), `max_gen_toks` (when a
+task sets none), `dtype` (auto | float32 | bfloat16 | float16), `add_bos_token`. lm-eval's own `--batch_size`
+(log-likelihood requests per forward) and `--device` (its default `cuda:0` falls back to the CPU without a GPU)
+are passed through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: `fluid` is added to them, not alone)
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fluid_cli.config import ModelConfig
+from fluid_cli.decode import DecodeResult, DecodeSettings, ar_decode, fluid_decode
+from fluid_cli.errors import FluidError
+from fluid_cli.modeling import META_NAME, FluidModel, load_pretrained, torch_dtype
+
+log = logging.getLogger(__name__)
+
+DECODERS: dict[str, Callable[..., DecodeResult]] = {"fluid": fluid_decode, "ar": ar_decode}
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_LENGTH = 2048  # when the model's config names no context length
+
+
+def load_model(path: str | Path, decoder: str, device: str, dtype: str = "auto",
+               trust_remote_code: bool = False) -> FluidModel:
+    """A FLUID model directory, or (for `decoder="ar"` only) a plain transformers causal-LM directory.
+
+    A plain model is wrapped without K-head or FLUID metadata: greedy AR decoding and log-likelihoods need
+    neither, and `fluid` decoding is refused before this point.
+    """
+    path = Path(path)
+    resolved = torch_dtype(dtype)
+    if resolved == "auto":
+        resolved = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if (path / META_NAME).is_file() or decoder != "ar":  # a non-FLUID directory: a FluidError hinting --decoder ar
+        return FluidModel.load(path, dtype=resolved, device=device, merge=True)
+    lm, tokenizer = load_pretrained(ModelConfig(path=str(path), dtype=str(resolved).removeprefix("torch."),
+                                                trust_remote_code=trust_remote_code))
+    return FluidModel(lm.to(device).eval(), None, None, tokenizer).eval()  # type: ignore[arg-type]
+
+
+def resolve_device(device: str | None) -> str:
+    """lm-eval's command line defaults to `cuda:0`; run on the CPU where there is no GPU."""
+    if device and (not device.startswith("cuda") or torch.cuda.is_available()):
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@register_model("fluid")
+class FluidLM(TemplateLM):
+    """lm-eval `LM` over a `FluidModel`. `samples` collects one record per generated request (the text and its
+    decode statistics), which `fluid eval` turns into the speed columns and the per-sample files."""
+
+    def __init__(
+        self,
+        model: str | FluidModel,
+        decoder: str = "fluid",
+        horizon: str = "auto",
+        tau: float | None = None,
+        threshold: float = 0.9,
+        max_k: int | None = None,
+        min_k: int = 1,
+        verify: bool = True,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        max_batch_size: int | None = None,  # lm-eval passes it to every model; batches here are fixed
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        device: str | None = None,
+        dtype: str = "auto",
+        add_bos_token: bool = False,
+        trust_remote_code: bool = False,  # plain models only: a FLUID directory records it in fluid.json
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise FluidError(f"decoder={decoder!r}: expected one of {', '.join(DECODERS)}")
+        self.decoder = decoder
+        if isinstance(model, FluidModel):
+            self.model = model
+            self._device = next(model.lm.parameters()).device
+        else:
+            self._device = torch.device(resolve_device(device))
+            self.model = load_model(model, decoder, str(self._device), dtype, trust_remote_code)
+        self.tokenizer = self.model.tokenizer
+        self.settings = DecodeSettings(horizon=horizon, tau=tau, threshold=threshold, max_k=max_k, min_k=min_k,
+                                       verify=verify)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE  # "auto" too
+        self._max_length = max_length or _context_length(self.model) or DEFAULT_MAX_LENGTH
+        self.max_gen_toks = max_gen_toks
+        self.add_bos_token = add_bos_token
+        self.samples: list[dict[str, Any]] = []
+        # Log-likelihoods do not depend on the decoder: `fluid eval --decoder both` reuses them across its runs.
+        self._loglikelihoods: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
+        self._warned_sampling = False
+
+    # -- what lm-eval asks of a TemplateLM ---------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_token_id if self.add_bos_token and self.tokenizer.bos_token_id is not None \
+            else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return self.tokenizer.encode(string, add_special_tokens=special)
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded in lm-eval's results `config`."""
+        s = self.settings
+        return {"fluid_decoder": self.decoder, "fluid_settings": {
+            "horizon": s.horizon, "tau": s.tau, "threshold": s.threshold, "max_k": s.max_k, "min_k": s.min_k,
+            "verify": s.verify}}
+
+    # -- log-likelihoods -----------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """`(sum of log p(continuation | context), whether greedy decoding would produce it)` per request.
+
+        Requests run longest first, `batch_size` at a time, right-padded: padding after a sequence cannot change
+        its causal forward. Logits are computed only at the continuation's positions.
+        """
+        keys = [(tuple(ctx), tuple(cont)) for _, ctx, cont in requests]
+        todo = sorted({k for k in keys if k not in self._loglikelihoods}, key=lambda k: -len(k[0] + k[1]))
+        with self._progress(len(todo), "log-likelihood", disable_tqdm) as advance:
+            for start in range(0, len(todo), self.batch_size):
+                batch = todo[start: start + self.batch_size]
+                self._loglikelihoods.update(zip(batch, self._score_batch(batch)))
+                advance(len(batch), 0)
+        return [self._loglikelihoods[k] for k in keys]
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[tuple[float, bool]]:
+        # The model reads at most max_length tokens: the context is cut on the left, the continuation kept whole.
+        rows = [list(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in batch]
+        width = max(len(r) for r in rows)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention[i, : len(r)] = 1
+        hidden = self.model.hidden_states(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                          use_cache=False).last_hidden_state
+        scores = []
+        for i, ((_, cont), r) in enumerate(zip(batch, rows)):
+            n = len(cont)
+            logp = torch.log_softmax(self.model.logits(hidden[i, len(r) - n: len(r)]).float(), dim=-1)
+            target = torch.tensor(cont, device=logp.device)
+            scores.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
+        return scores
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole strings, in disjoint windows of the model's context (as lm-eval's HF model)."""
+        windows, owners = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[i] += logprob
+        return totals
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        texts = []
+        with self._progress(len(requests), f"generate ({self.decoder})", disable_tqdm) as advance:
+            for req in requests:
+                context, gen_kwargs = req.args
+                text, result = self._generate(context, gen_kwargs)
+                texts.append(text)
+                self.samples.append({"task": req.task_name, "doc_id": req.doc_id, "decoder": self.decoder,
+                                     "output": text, "stats": result.stats.to_dict()})
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                advance(1, result.stats.new_tokens)
+        return texts
+
+    def warm_up(self, decoders: list[str]) -> None:
+        """Decode a few tokens with each of `decoders`, so that one-time costs (allocations, kernel choices) are
+        not timed as part of whichever decoder runs first."""
+        prompt = self.tok_encode("Question: 1 + 1?\nAnswer:")
+        for decoder in decoders:
+            DECODERS[decoder](self.model, prompt, replace(self.settings, max_new_tokens=4))
+
+    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> tuple[str, DecodeResult]:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        if kwargs.get("do_sample") and not self._warned_sampling:
+            log.warning("a task asks for sampling (%s); FLUID decoding is greedy", gen_kwargs)
+            self._warned_sampling = True
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], False))
+        max_new = int(kwargs["max_gen_toks"])
+        # As lm-eval's HF model: keep the end of the context so that it and the generation fit the model.
+        prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
+        settings = replace(self.settings, max_new_tokens=max_new, eos_token_ids=(self.eot_token_id,),
+                           stop=stop_at(self.tokenizer, until))
+        result = DECODERS[self.decoder](self.model, prompt, settings)
+        return postprocess_generated_text(self.tok_decode(result.tokens), until, None), result
+
+    @contextmanager
+    def _progress(self, total: int, label: str, disabled: bool) -> Iterator[Callable[[int, int], None]]:
+        """A rich progress bar on stderr; yields `advance(requests, new_tokens)`."""
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
+        with Progress(*columns, console=Console(stderr=True), disable=disabled or total == 0) as bar:
+            task = bar.add_task(label, total=total, rate="")
+            tokens = 0
+
+            def advance(n: int, new_tokens: int) -> None:
+                nonlocal tokens
+                tokens += new_tokens
+                elapsed = bar.tasks[0].elapsed or 0.0
+                rate = f"{tokens / elapsed:.1f} tok/s" if tokens and elapsed > 0 else ""
+                bar.update(task, advance=n, rate=rate)
+
+            yield advance
+
+
+def stop_at(tokenizer: Any, until: list[str]) -> Callable[[list[int]], int | None]:
+    """The decoder's stop callback for stop strings: once the decoded text contains one of `until`, the number of
+    tokens up to the one that completes it (the text is cut at the string afterwards, as lm-eval does).
+
+        >>> from fluid_cli.tokenizer import build_char_tokenizer
+        >>> tok = build_char_tokenizer()
+        >>> stop = stop_at(tok, ["Question:"])
+        >>> stop(tok.encode("12\\nQuestion: x")), stop(tok.encode("12\\nQuest"))
+        (12, None)
+    """
+    terms = [t for t in until if t]
+
+    def found(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        return any(t in text for t in terms)
+
+    def stop(ids: list[int]) -> int | None:
+        if not terms or not found(ids):
+            return None
+        return next(n for n in range(1, len(ids) + 1) if found(ids[:n]))
+
+    return stop
+
+
+def _context_length(model: FluidModel) -> int | None:
+    config = model.lm.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
