@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,6 +66,260 @@ def recipe(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     with user_errors():
         typer.echo(dump_recipe(load_recipe(recipe, set_)), nl=False)
+
+
+@app.command("prepare-data")
+def prepare_data(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder (atomically).")
+    ] = False,
+) -> None:
+    """Tokenize the \\[data] sources into a prompt-masked training set at \\[data] output_dir."""
+    from fluid_cli import data
+    from fluid_cli.config import load_recipe
+
+    with user_errors():
+        data.run(load_recipe(recipe, set_), overwrite=overwrite)
+
+
+@app.command("train-stage1")
+def train_stage1(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output.")] = False,
+    accelerate_config: Annotated[
+        Optional[Path],
+        typer.Option("--accelerate-config", help="Run under `accelerate launch` with this config file "
+                     "(DDP, FSDP, DeepSpeed; see recipes/accelerate/).", show_default=False),
+    ] = None,
+) -> None:
+    """Stage I: train the backbone on next-token and mask-block prediction; writes a FLUID model to \\[train] output_dir."""
+    from fluid_cli import launch
+    from fluid_cli.config import load_recipe
+
+    with user_errors():
+        cfg = load_recipe(recipe, set_)
+        from fluid_cli import train
+
+        train.preflight(cfg, resume)
+        if launch.needs_launch(cfg.launch, accelerate_config):
+            args = ["train-stage1", str(recipe), *(a for s in set_ or [] for a in ("--set", s))]
+            raise typer.Exit(launch.relaunch(cfg.launch, accelerate_config, args + (["--resume"] if resume else [])))
+        train.run(cfg, resume=resume)
+
+
+@app.command("calibrate-khead")
+def calibrate_khead(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    tau: Annotated[
+        Optional[str],
+        typer.Option("--tau", help="Threshold in nats (replaces \\[khead] tau), or a sweep 2.0,2.8,3.5: one head per "
+                     "value, each reported; the one for \\[khead] tau is saved.", show_default=False),
+    ] = None,
+) -> None:
+    """Stage II: fit the K-head on the frozen Stage I model in \\[khead] model_dir and save it there."""
+    from fluid_cli import calibrate
+    from fluid_cli.config import load_recipe
+
+    with user_errors():
+        calibrate.run(load_recipe(recipe, set_), taus=calibrate.parse_taus(tau) if tau is not None else None)
+
+
+class EvalDecoder(str, Enum):
+    fluid = "fluid"
+    ar = "ar"
+    both = "both"
+
+
+@app.command("eval")
+def eval_(
+    tasks: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="gsm8k, gsm8k_cot, math500, humaneval, mmlu, arithmetic, or any lm-eval task, group or "
+                       "tag (default: \\[eval] tasks).", show_default=False),
+    ] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="FLUID model directory (with --decoder ar also a "
+                                                  "plain transformers model).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N samples of each task.",
+                                                 show_default=False)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples (default: the "
+                                                       "task's).", show_default=False)] = None,
+    decoder: Annotated[Optional[EvalDecoder], typer.Option("--decoder", help="fluid, ar (plain greedy) or both "
+                                                           "(side by side).", show_default=False)] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", help="Horizon threshold (default: the model's calibrated "
+                                                 "tau).", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Confidence for filling draft slots "
+                                                       "early.", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local benchmark files laid out like "
+                                                     "../shared/data (default: $FLUID_DATA_DIR, else the hub).",
+                                                     show_default=False)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where results.json and "
+                                                       "samples_<task>.jsonl go.", show_default=False)] = None,
+    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Wrap prompts in the "
+                                                      "tokenizer's chat template.")] = False,
+    allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Let HumanEval run the "
+                                                       "generated programs (subprocess, timeout).")] = False,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (\\[eval], \\[generate]).",
+                                                   show_default=False)] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Benchmark a model through lm-evaluation-harness: accuracy, tokens per forward, tokens/s (AR vs FLUID)."""
+    import json
+
+    from fluid_cli import evaluate
+    from fluid_cli.config import load_recipe, load_recipe_text
+
+    # Flags become overrides applied after --set, so they win, and are validated like any recipe value.
+    flags = {"eval.tasks": tasks or None, "eval.model_dir": model, "eval.limit": limit,
+             "eval.num_fewshot": num_fewshot, "eval.decoder": decoder and decoder.value, "eval.data_dir": data_dir,
+             "eval.output_dir": output_dir, "eval.apply_chat_template": apply_chat_template or None,
+             "eval.allow_code_execution": allow_code_execution or None, "generate.tau": tau,
+             "generate.threshold": threshold}
+    overrides = [*(set_ or []), *(f"{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
+                                  for k, v in flags.items() if v is not None)]
+    with user_errors():
+        cfg = load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
+        evaluate.run(cfg)
+
+
+# -- decoding: `fluid generate` and `fluid bench decode` share the [generate] flags ----------------------------
+class Horizon(str, Enum):
+    auto = "auto"
+    khead = "khead"
+    fixed = "fixed"
+    entropy = "entropy"
+
+
+OptionalRecipeArg = Annotated[
+    Optional[Path], typer.Argument(help="TOML recipe (optional): its \\[generate] table; flags override it.",
+                                   show_default=False)
+]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="FLUID model directory (a plain transformers "
+                                                  "model with --horizon fixed/entropy).", show_default=False)]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text (repeatable).",
+                                                        show_default=False)]
+PromptFileOpt = Annotated[Optional[Path], typer.Option("--prompt-file", help="One prompt per line, or JSONL with "
+                                                       "prompt/question/input/text or messages.", show_default=False)]
+ChatTemplateOpt = Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="Wrap prompts in "
+                                                         "the tokenizer's chat template (default: on).",
+                                                         show_default=False)]
+HorizonOpt = Annotated[Optional[Horizon], typer.Option("--horizon", help="khead: the K-head picks K per block; "
+                                                       "fixed: always max-k; entropy: from a first draft's entropy; "
+                                                       "auto: khead if calibrated, else fixed.", show_default=False)]
+TauOpt = Annotated[Optional[float], typer.Option("--tau", help="Horizon threshold in nats (default: the model's "
+                                                 "calibrated tau).", show_default=False)]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Fill a draft slot early when its top "
+                                                       "probability exceeds this (default 0.9; 1 = never).",
+                                                       show_default=False)]
+MaxKOpt = Annotated[Optional[int], typer.Option("--max-k", help="Largest block (default: the model's K).",
+                                                show_default=False)]
+MinKOpt = Annotated[Optional[int], typer.Option("--min-k", help="Smallest block (default 1).", show_default=False)]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Commit drafts unverified (faster, not exactly "
+                                           "greedy).")]
+MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate at most (default "
+                                                  "256).", show_default=False)]
+MaskTokenOpt = Annotated[Optional[str], typer.Option("--mask-token", help="Draft token for a plain model (default: "
+                                                     "its unk, then pad token).", show_default=False)]
+
+
+def _generate_recipe(recipe: Optional[Path], set_: Optional[list[str]], **flags: object):
+    """The recipe (or the defaults) with `--set` and then the flags applied as `generate.*` overrides, so that
+    flags win and are validated like any recipe value."""
+    import json
+
+    from fluid_cli.config import load_recipe, load_recipe_text
+
+    def toml(value: object) -> str:  # JSON scalars, strings and arrays are valid TOML values
+        value = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+        return json.dumps(value)
+
+    overrides = [*(set_ or []), *(f"generate.{k}={toml(v)}" for k, v in flags.items() if v is not None)]
+    return load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
+
+
+@app.command("generate")
+def generate(
+    recipe: OptionalRecipeArg = None,
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    horizon: HorizonOpt = None,
+    tau: TauOpt = None,
+    threshold: ThresholdOpt = None,
+    max_k: MaxKOpt = None,
+    min_k: MinKOpt = None,
+    no_verify: NoVerifyOpt = False,
+    max_new_tokens: MaxNewOpt = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string, kept in the output "
+                                                      "(repeatable).", show_default=False)] = None,
+    mask_token: MaskTokenOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of streaming.")] = False,
+    compare_ar: Annotated[bool, typer.Option("--compare-ar", help="Also decode greedily (one token per forward); "
+                                             "report the speed-up and whether the outputs match.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Decode prompts with elastic horizons, streaming each committed block in alternating shades."""
+    with user_errors():
+        from fluid_cli import generate as gen
+
+        cfg = _generate_recipe(recipe, set_, model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau,
+                               threshold=threshold, max_k=max_k, min_k=min_k, verify=False if no_verify else None,
+                               max_new_tokens=max_new_tokens, stop=stop or None, mask_token=mask_token)
+        gen.run(cfg, gen.read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar)
+
+
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("decode")
+def bench_decode(
+    recipe: OptionalRecipeArg = None,
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.", show_default=False)] = None,
+    chat_template: ChatTemplateOpt = None,
+    horizon: HorizonOpt = None,
+    tau: TauOpt = None,
+    threshold: ThresholdOpt = None,
+    max_k: MaxKOpt = None,
+    min_k: MinKOpt = None,
+    no_verify: NoVerifyOpt = False,
+    max_new_tokens: MaxNewOpt = None,
+    mask_token: MaskTokenOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSON report here.",
+                                                   show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """HF generate (greedy) vs the FLUID decoder on one model: tokens/s, tokens per forward, speed-up."""
+    with user_errors():
+        from fluid_cli import bench
+        from fluid_cli.generate import read_prompts
+
+        cfg = _generate_recipe(recipe, set_, model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau,
+                               threshold=threshold, max_k=max_k, min_k=min_k, verify=False if no_verify else None,
+                               max_new_tokens=max_new_tokens, mask_token=mask_token)
+        bench.run(cfg, read_prompts(prompt, prompt_file), output=output, limit=limit, json_output=json_output)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for every output of the demo.")] = Path("runs/demo"),
+    fast: Annotated[bool, typer.Option("--fast", help="Smaller and shorter (CI): still end to end.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Another demo recipe.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """The whole pipeline from nothing on a CPU: data, Stage I from scratch, K-head, generate, eval vs AR."""
+    with user_errors():
+        from fluid_cli import demo as demo_module
+
+        demo_module.run(out, fast=fast, recipe=recipe, overrides=set_)
 
 
 def main() -> None:

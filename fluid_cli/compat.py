@@ -6,6 +6,9 @@ every call whose meaning moved lives here.
 
 from __future__ import annotations
 
+import inspect
+
+from torch.nn import Module
 from transformers import Cache
 
 
@@ -25,3 +28,12 @@ def crop_cache(cache: Cache, keep: int) -> None:
         raise ValueError(f"cannot keep {keep} tokens of a cache holding {cache_length(cache)}")
     if drop:
         cache.crop(-drop)
+
+
+def cache_kwarg(decoder: Module) -> str:
+    """The keyword under which `decoder.forward` takes its KV cache.
+
+    transformers renamed `past_key_values` to `cache` (the old name still works from 5.2x on, with a
+    deprecation warning on every model class), so the name is read off the signature.
+    """
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"

@@ -52,7 +52,10 @@ class ScratchModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 512
-    tokenizer: Literal["char"] = "char"  # built at run time over the training data's alphabet
+    # Built at run time: "char" = one token per printable character; "bpe" = a byte-level BPE of
+    # `tokenizer_vocab_size` tokens that `prepare-data` trains on the data (digits stay single tokens).
+    tokenizer: Literal["char", "bpe"] = "char"
+    tokenizer_vocab_size: int = 1024
 
 
 @dataclass
@@ -68,18 +71,24 @@ class ModelConfig:
 @dataclass
 class DataSource:
     path: str  # file, glob, save_to_disk folder, hub dataset name, or "synthetic:arithmetic"
-    format: Literal["messages", "sharegpt", "alpaca", "prompt_response", "text"] = "messages"
+    # None = "messages" for data, "prompt_response" (question -> prompt, answer -> response) for synthetic sources
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_response", "text"] | None = None
     columns: dict[str, str] = field(default_factory=dict)  # role -> column name, e.g. {prompt="question"}
     split: str = "train"
     weight: float | None = None  # relative share of the mixture
     num_samples: int | None = None  # absolute number of rows (synthetic: how many to generate)
+    # Single-turn formats: Python format strings over the row's columns plus {prompt}/{response}, giving the user
+    # and assistant text. None = "{prompt}" / "{response}"; for synthetic sources with template = "none",
+    # lm-eval's GSM8K layout "Question: {question}\nAnswer:" / " {answer}".
+    prompt_format: str | None = None
+    response_format: str | None = None
 
 
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     output_dir: str = "runs/data"
-    template: str = "auto"  # "auto" = the tokenizer's chat template, "none" = raw concatenation
+    template: Literal["auto", "none"] = "auto"  # "auto" = the tokenizer's chat template, "none" = raw text + EOS
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     cutoff_len: int = 1024
     validation: float = 0.0  # fraction (< 1) or count (>= 1) of rows held out
@@ -125,10 +134,10 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     max_expanded_len: int | None = None  # cap on main tokens + mask slots per example
-    save_steps: int = 500
-    save_total_limit: int = 2
-    log_steps: int = 10
-    tensorboard: bool = False
+    save_steps: int = 500  # checkpoint (weights, optimizer, scheduler, RNG, data position) every N steps
+    save_total_limit: int = 2  # newest checkpoints kept (0 = keep all)
+    log_steps: int = 10  # metrics.jsonl gets the mean over each window of N steps
+    tensorboard: bool = False  # also log to <output_dir>/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -143,42 +152,52 @@ class KHeadConfig:
     batch_size: int = 256
     cutoff_len: int = 512
     max_examples: int | None = None
-    holdout: float = 0.1
+    holdout: float = 0.1  # fraction of the examples whose pairs score the head instead of training it
     seed: int = 0
+    collect_batch_size: int = 8  # examples per frozen-backbone forward in the collection pass
+    max_memory_mb: int = 2048  # (hidden, losses) pairs beyond this spill to a memory-mapped temporary file
 
 
 @dataclass
 class GenerateConfig:
     model_dir: str | None = None  # defaults to [train] output_dir
-    horizon: Literal["khead", "fixed", "entropy"] = "khead"
+    # auto = khead when the model's K-head is calibrated, else fixed
+    horizon: Literal["auto", "khead", "fixed", "entropy"] = "auto"
     tau: float | None = None  # defaults to the model's calibration tau
     threshold: float = 0.9
     max_k: int | None = None  # defaults to the model's K
     min_k: int = 1
     verify: bool = True
     max_new_tokens: int = 256
-    chat_template: bool = True
-    stop: list[str] = field(default_factory=list)
+    chat_template: bool = True  # ignored (with a notice) when the tokenizer has none
+    stop: list[str] = field(default_factory=list)  # stop strings, kept in the output as HF generate does
+    mask_token: str | None = None  # plain (non-FLUID) models only; defaults to the tokenizer's unk, then pad token
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
 class EvalConfig:
-    model_dir: str | None = None
+    model_dir: str | None = None  # defaults to [train] output_dir; decoding settings come from [generate]
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     num_fewshot: int | None = None
     decoder: Literal["fluid", "ar", "both"] = "fluid"
-    data_dir: str | None = None
+    data_dir: str | None = None  # local benchmark files laid out like ../shared/data (else env FLUID_DATA_DIR)
     output_dir: str = "runs/eval"
     apply_chat_template: bool = False
-    batch_size: int = 8
+    batch_size: int = 8  # log-likelihood requests per forward
+    max_gen_toks: int | None = None  # caps every generation task's own limit (quick runs)
+    allow_code_execution: bool = False  # HumanEval runs the generated programs (in a subprocess, with a timeout)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
 class LaunchConfig:
-    num_processes: int = 1
-    accelerate_config: str | None = None
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    num_processes: int = 1  # > 1: `fluid train-stage1` re-executes itself under `accelerate launch`
+    accelerate_config: str | None = None  # an accelerate config file (DDP, FSDP, DeepSpeed); also re-executes
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    main_process_port: int | None = None  # rendezvous port for several processes (None = accelerate's 29500)
 
 
 @dataclass
@@ -194,9 +213,9 @@ class Recipe:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # the recipe file, if any
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the resolved recipe as `fluid-config.toml` into `folder` (atomically) and return its path."""
-        path = Path(folder) / RESOLVED_CONFIG_NAME
+    def save(self, folder: str | Path, name: str = RESOLVED_CONFIG_NAME) -> Path:
+        """Write the resolved recipe as `name` (`fluid-config.toml`) into `folder` (atomically); return its path."""
+        path = Path(folder) / name
         write_text_atomic(path, dump_recipe(self))
         return path
 

@@ -39,6 +39,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -558,16 +559,16 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
     out = Path(data.output_dir)
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
-    tokenizer = load_tokenizer(cfg.model)
-    tokenizer_name = cfg.model.tokenizer or cfg.model.path or "char (built in)"
-    check_tokenizer(tokenizer, specs, tokenizer_name)
-
     started = time.perf_counter()
     read = [read_source(src, i, data) for i, src in enumerate(data.sources)]
     for src, rows in zip(data.sources, read):
         if not rows.rows:
             raise FluidError(f"{src.path}: no usable rows ({len(rows.bad)} malformed rows skipped)")
     picked = select_rows([len(r.rows) for r in read], data.sources, data.seed)
+    tokenizer = load_tokenizer(cfg.model, corpus=lambda: corpus(read, picked, specs))
+    scratch = cfg.model.scratch
+    tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"
+    check_tokenizer(tokenizer, specs, tokenizer_name)
     if not data.skip_bad_rows:
         probe_first_rows(read, picked, tokenizer, specs, data)
     tokenize_started = time.perf_counter()
@@ -595,6 +596,28 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
     print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds)
     return stats
+
+
+def corpus(read: list[Rows], picked: list[np.ndarray], specs: list[SourceSpec]) -> Iterator[str]:
+    """The text a run-time BPE tokenizer is trained on: every string in the picked rows, plus the literal parts
+    of each source's prompt/response formats once per row (so "Question:" becomes a token like the data's words)."""
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    for i, idx in enumerate(picked):
+        literals = [lit for fmt in (specs[i].prompt_format, specs[i].response_format)
+                    for lit, *_ in Formatter().parse(fmt) if lit]
+        for k in idx:
+            yield from strings(json.loads(read[i].rows[k]))
+            yield from literals
 
 
 def mixture(read: list[Rows], picked: list[np.ndarray]) -> Any:

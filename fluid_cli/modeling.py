@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,15 +147,17 @@ class FluidModel(nn.Module):
         return Stage1Loss(ar_weight * loss_ar + diff_weight * loss_diff, loss_ar, loss_diff, n_ar, n_diff)
 
     # -- saving and loading -------------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> None:
-        """Write the FLUID directory. Files are staged in a temporary folder and moved in; `fluid.json` last."""
+    def save(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the FLUID directory. Files are staged in a temporary folder and moved in; `fluid.json` last.
+
+        `state_dict` (the backbone's, e.g. gathered from FSDP shards) replaces the backbone's own weights."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=folder, prefix=".save."))
         try:
             is_peft = hasattr(self.backbone, "peft_config")
             self.meta.weights = "adapter" if is_peft else "full"
-            self.backbone.save_pretrained(stage)
+            self.backbone.save_pretrained(stage, state_dict=state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(stage)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.khead.state_dict().items()},
@@ -265,13 +268,18 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
     return model, load_tokenizer(cfg)
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer a recipe's model uses: the built-in character tokenizer for `[model.scratch]`, else the
-    pretrained one at `[model] tokenizer` (defaulting to `[model] path`)."""
+def load_tokenizer(cfg: ModelConfig, corpus: Callable[[], Iterable[str]] | None = None) -> Any:
+    """The tokenizer a recipe's model uses: for `[model.scratch]` one built at run time (a BPE is trained on
+    `corpus()`, which only `prepare-data` has), else the pretrained one at `[model] tokenizer` (or `path`)."""
     if cfg.scratch is not None:
-        from fluid_cli.tokenizer import build_char_tokenizer
+        from fluid_cli.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 
-        return build_char_tokenizer()
+        if cfg.scratch.tokenizer == "char":
+            return build_char_tokenizer()
+        if corpus is None:
+            raise FluidError("[model.scratch] tokenizer = \"bpe\" is trained by `fluid prepare-data` on the data; "
+                             "prepare the data first (its tokenizer/ folder is then used)")
+        return build_bpe_tokenizer(corpus(), cfg.scratch.tokenizer_vocab_size)
     name = cfg.tokenizer or cfg.path
     if name is None:
         raise FluidError("[model] path: no model given (set path, or [model.scratch] to grow one)")

@@ -49,7 +49,7 @@ def test_resolved_recipe_round_trips(tmp_path):
         ("[train]\nlr = 1e-4\nlrr = 2\n", "bad.toml:3: [train] lrr: unknown key"),
         ("[train]\nlr = 'fast'\n", "bad.toml:2: [train] lr: expected a float, got 'fast'"),
         ("[lora]\nenabled = 1\n", "bad.toml:2: [lora] enabled: expected true or false, got 1"),
-        ("[generate]\nhorizon = 'widest'\n", "[generate] horizon: expected one of 'khead', 'fixed', 'entropy'"),
+        ("[generate]\nhorizon = 'widest'\n", "[generate] horizon: expected one of 'auto', 'khead', 'fixed', 'entropy', got 'widest'"),
         ("[[data.sources]]\nformat = 'text'\n", "[data] sources[0] path: required key is missing"),
         ("[nope]\nx = 1\n", "bad.toml:1: [nope]: unknown key"),
         ("[train\n", "bad.toml: invalid TOML"),
