@@ -111,10 +111,16 @@ class FluidModel(nn.Module):
         return self.lm.get_decoder()(**inputs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # What some models' forwards do to the head's output (the decoder stack alone does not): Granite divides
+        # by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma soft-caps.
         logits = self.lm.get_output_embeddings()(hidden)
-        cap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if cap:  # Gemma-style soft-capping happens in the model's forward after the head
-            logits = torch.tanh(logits / cap) * cap
+        config = self.lm.config
+        if getattr(config, "logits_scaling", None):
+            logits = logits / config.logits_scaling
+        if getattr(config, "logit_scale", None):
+            logits = logits * config.logit_scale
+        if getattr(config, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
         return logits
 
     def forward(self, input_ids: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -46,6 +46,18 @@ def test_loss_without_anchors_is_the_plain_causal_lm_loss(arch):
     assert out.n_diff == 0 and out.loss_diff.item() == 0.0
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES + ["cohere"])
+def test_fluid_forward_matches_the_models_own_logits(arch):
+    """The decoder stack + head path (used by the loss and decoding) equals the model's own forward."""
+    model = tiny_fluid_model(arch)
+    if hasattr(model.lm.config, "logits_scaling"):
+        model.lm.config.logits_scaling = 4.0  # make Granite's scaling visible
+    ids = torch.tensor([[9, 40, 41, model.mask_token_id, 50]])
+    with torch.no_grad():
+        logits, _, _ = model(ids)
+        torch.testing.assert_close(logits, model.lm(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
+
+
 def test_stage1_loss_parts_match_a_full_forward():
     model = tiny_fluid_model("qwen2")
     b = batch(model.tokenizer)
