@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_fluid_model, tiny_tokenizer
+from tiny import TINY_SCRATCH_RECIPE, tiny_fluid_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from fluid_cli import calibrate
@@ -25,13 +25,6 @@ K = 4
 TAU = 1.0  # nats; the char vocabulary is ~100 tokens, so a random letter costs > 2.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -158,19 +151,7 @@ def _sequence(rng: random.Random, tok, n: int = 40) -> dict:
     return {"input_ids": ids, "labels": [-100] + ids[1:]}
 
 
-RECIPE = """
-[model.scratch]
-architecture = "llama"
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-num_key_value_heads = 2
-max_position_embeddings = 256
-
-[lora]
-enabled = false
-
+RECIPE = TINY_SCRATCH_RECIPE + """
 [fluid]
 max_k = {K}
 

@@ -21,13 +21,6 @@ POLICIES = ("khead", "fixed", "entropy")
 N_NEW = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and the CI machine's cores are shared: more threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sharp_model(arch: str, max_k: int = 16) -> FluidModel:

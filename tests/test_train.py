@@ -23,33 +23,11 @@ from fluid_cli.config import load_recipe, load_recipe_text
 from fluid_cli.modeling import META_NAME, FluidModel
 from fluid_cli.synthetic import arithmetic_rows
 from fluid_cli.tokenizer import build_char_tokenizer
-from tiny import tiny_model, tiny_tokenizer
+from tiny import TINY_SCRATCH_RECIPE, tiny_model, tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_MODEL = """
-[model.scratch]
-architecture = "llama"
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-num_key_value_heads = 2
-max_position_embeddings = 256
-[lora]
-enabled = false
-"""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI machine slows multi-threaded kernels a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe(tmp_path: Path, body: str, name: str = "recipe.toml") -> Path:
@@ -140,14 +118,14 @@ def test_shipped_accelerate_configs_are_valid():
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    no_data = recipe(tmp_path, TINY_MODEL + f'[train]\ndataset = "{tmp_path / "absent"}"\n', "a.toml")
+    no_data = recipe(tmp_path, TINY_SCRATCH_RECIPE + f'[train]\ndataset = "{tmp_path / "absent"}"\n', "a.toml")
     data = write_dataset(tmp_path / "data", n=8)
     weightless = tmp_path / "weightless"
     tiny_model("llama").config.save_pretrained(weightless)  # config.json, no weights
     tiny_tokenizer().save_pretrained(weightless)
     no_weights = recipe(tmp_path, f'[model]\npath = "{weightless}"\n[train]\ndataset = "{data}"\n'
                                   f'output_dir = "{tmp_path / "o1"}"\n', "b.toml")
-    no_mask = recipe(tmp_path, TINY_MODEL + f'[fluid]\nmask_token = "<|nope|>"\nadd_mask_token = false\n'
+    no_mask = recipe(tmp_path, TINY_SCRATCH_RECIPE + f'[fluid]\nmask_token = "<|nope|>"\nadd_mask_token = false\n'
                                f'[train]\ndataset = "{data}"\noutput_dir = "{tmp_path / "o2"}"\n', "c.toml")
     pretrained = tmp_path / "pretrained"
     tiny_model("llama").save_pretrained(pretrained)
@@ -176,7 +154,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_tiny_training_lowers_loss_diff_and_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = recipe(tmp_path, TINY_MODEL + """
+    path = recipe(tmp_path, TINY_SCRATCH_RECIPE + """
 [[data.sources]]
 path = "synthetic:arithmetic"
 num_samples = 96
@@ -275,7 +253,7 @@ log_steps = 1
 def test_two_cpu_processes_through_the_accelerate_launcher_agree(tmp_path):
     data = write_dataset(tmp_path / "data", n=32)
     out = tmp_path / "out"
-    path = recipe(tmp_path, TINY_MODEL + f"""
+    path = recipe(tmp_path, TINY_SCRATCH_RECIPE + f"""
 [fluid]
 max_k = 3
 [train]

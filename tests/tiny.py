@@ -13,6 +13,22 @@ from fluid_cli.tokenizer import MASK, build_char_tokenizer
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "olmo2", "phi3", "granite"]
 
 
+# A recipe's model tables for a tiny Llama grown from scratch (full fine-tuning), for end-to-end tests.
+TINY_SCRATCH_RECIPE = """
+[model.scratch]
+architecture = "llama"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 256
+
+[lora]
+enabled = false
+"""
+
+
 def tiny_tokenizer():
     return build_char_tokenizer()
 
