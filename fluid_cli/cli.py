@@ -59,6 +59,25 @@ def _root(
     """FLUID toolkit."""
 
 
+def _recipe_with_flags(recipe: Optional[Path], set_: Optional[list[str]], flags: dict[str, object]):
+    """The recipe (or the defaults) with `--set`, then the command's flags as `table.key` overrides: flags win,
+    and are validated like any recipe value. Flags left unset (None) change nothing."""
+    import json
+
+    from fluid_cli.config import load_recipe, load_recipe_text
+
+    def toml(value: object) -> str:  # JSON scalars, strings and arrays are valid TOML values
+        value = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+        return json.dumps(value)
+
+    overrides = [*(set_ or []), *(f"{k}={toml(v)}" for k, v in flags.items() if v is not None)]
+    return load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
+
+
+def _generate_flags(**flags: object) -> dict[str, object]:
+    return {f"generate.{k}": v for k, v in flags.items()}
+
+
 @app.command("recipe")
 def recipe(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Validate a recipe and print it fully resolved (defaults filled in, overrides applied)."""
@@ -167,21 +186,16 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Benchmark a model through lm-evaluation-harness: accuracy, tokens per forward, tokens/s (AR vs FLUID)."""
-    import json
-
-    from fluid_cli import evaluate
-    from fluid_cli.config import load_recipe, load_recipe_text
-
-    # Flags become overrides applied after --set, so they win, and are validated like any recipe value.
-    flags = {"eval.tasks": tasks or None, "eval.model_dir": model, "eval.limit": limit,
-             "eval.num_fewshot": num_fewshot, "eval.decoder": decoder and decoder.value, "eval.data_dir": data_dir,
-             "eval.output_dir": output_dir, "eval.apply_chat_template": apply_chat_template or None,
-             "eval.allow_code_execution": allow_code_execution or None, "generate.tau": tau,
-             "generate.threshold": threshold}
-    overrides = [*(set_ or []), *(f"{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
-                                  for k, v in flags.items() if v is not None)]
     with user_errors():
-        cfg = load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
+        from fluid_cli import evaluate
+
+        cfg = _recipe_with_flags(recipe, set_, {
+            "eval.tasks": tasks or None, "eval.model_dir": model, "eval.limit": limit,
+            "eval.num_fewshot": num_fewshot, "eval.decoder": decoder, "eval.data_dir": data_dir,
+            "eval.output_dir": output_dir, "eval.apply_chat_template": apply_chat_template or None,
+            "eval.allow_code_execution": allow_code_execution or None, "generate.tau": tau,
+            "generate.threshold": threshold,
+        })
         evaluate.run(cfg)
 
 
@@ -225,21 +239,6 @@ MaskTokenOpt = Annotated[Optional[str], typer.Option("--mask-token", help="Draft
                                                      "its unk, then pad token).", show_default=False)]
 
 
-def _generate_recipe(recipe: Optional[Path], set_: Optional[list[str]], **flags: object):
-    """The recipe (or the defaults) with `--set` and then the flags applied as `generate.*` overrides, so that
-    flags win and are validated like any recipe value."""
-    import json
-
-    from fluid_cli.config import load_recipe, load_recipe_text
-
-    def toml(value: object) -> str:  # JSON scalars, strings and arrays are valid TOML values
-        value = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
-        return json.dumps(value)
-
-    overrides = [*(set_ or []), *(f"generate.{k}={toml(v)}" for k, v in flags.items() if v is not None)]
-    return load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
-
-
 @app.command("generate")
 def generate(
     recipe: OptionalRecipeArg = None,
@@ -266,9 +265,10 @@ def generate(
     with user_errors():
         from fluid_cli import generate as gen
 
-        cfg = _generate_recipe(recipe, set_, model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau,
-                               threshold=threshold, max_k=max_k, min_k=min_k, verify=False if no_verify else None,
-                               max_new_tokens=max_new_tokens, stop=stop or None, mask_token=mask_token)
+        cfg = _recipe_with_flags(recipe, set_, _generate_flags(
+            model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
+            min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, stop=stop or None,
+            mask_token=mask_token))
         gen.run(cfg, gen.read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar)
 
 
@@ -302,9 +302,9 @@ def bench_decode(
         from fluid_cli import bench
         from fluid_cli.generate import read_prompts
 
-        cfg = _generate_recipe(recipe, set_, model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau,
-                               threshold=threshold, max_k=max_k, min_k=min_k, verify=False if no_verify else None,
-                               max_new_tokens=max_new_tokens, mask_token=mask_token)
+        cfg = _recipe_with_flags(recipe, set_, _generate_flags(
+            model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
+            min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token))
         bench.run(cfg, read_prompts(prompt, prompt_file), output=output, limit=limit, json_output=json_output)
 
 
