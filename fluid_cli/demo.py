@@ -206,6 +206,10 @@ def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: li
         console: Console | None = None) -> dict[str, Any]:
     from fluid_cli import calibrate, data, evaluate, generate, train
 
+    import torch
+
+    # A model this small gains nothing from intra-op threads, and on a busy laptop they slow it down many times.
+    torch.set_num_threads(1)
     console = console or Console(stderr=True)
     out = Path(out)
     cfg = demo_recipe(out, fast, recipe, overrides)
