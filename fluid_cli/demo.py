@@ -28,7 +28,7 @@ from fluid_cli.io import write_file_atomic, write_json_atomic, write_text_atomic
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 STEPS = ("prepare-data", "train-stage1", "calibrate-khead", "generate", "eval")
-TAUS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # the tau sweep of the tokens-per-forward plot (loss-curve head)
+TAUS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # the tau sweep of the tokens-per-forward plot (loss-curve head)
 
 
 def demo_recipe(out: Path, fast: bool, recipe: Path | None = None, overrides: list[str] | None = None) -> Recipe:

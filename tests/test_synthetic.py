@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fluid_cli.synthetic import TEMPLATES, arithmetic_rows
+from fluid_cli.synthetic import NAMES, TEMPLATES, arithmetic_rows
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
@@ -32,10 +32,16 @@ def test_short_small_and_learnable():
         assert 60 <= len(row["question"]) <= 200, row["question"]
         assert 40 <= len(row["answer"]) <= 200, row["answer"]
         numbers = [int(n) for n in re.findall(r"\d+", row["question"] + row["answer"])]
-        assert max(numbers) < 1000 and min(numbers) >= 0
-        for a, op, b, _ in EQUATION.findall(row["answer"]):
-            if op in "*/":
-                assert int(b) < 10, row  # multiply or divide by a single digit only
+        assert min(numbers) >= 0
+        assert max(numbers) < 30, row  # a few hundred arithmetic facts, learnable by a tiny model
+        for a, op, b, c in EQUATION.findall(row["answer"]):
+            assert op in "+-", row
+            assert min(int(a), int(b), int(c)) < 10, row  # every step involves a single digit
+        # Copy-friendly: the first step restates a fact of the question (its numbers) before any computing.
+        first = row["answer"].split("\n")[0]
+        assert "=" not in first and set(re.findall(r"\d+", first)) <= set(re.findall(r"\d+", row["question"])), row
+        # A name never starts a solution line, so BPE spells it as in the question (" Ava", not "Ava").
+        assert not {line.split(" ")[0] for line in row["answer"].split("\n")} & set(NAMES), row
         assert row["question"].endswith("?") and row["question"].isascii() and row["answer"].isascii()
     # Every template appears, and the problems are not repeats of a few.
     assert len({r["question"] for r in ROWS}) > 0.95 * len(ROWS)
