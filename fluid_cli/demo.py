@@ -81,17 +81,20 @@ def write_heldout(cfg: Recipe, out: Path, n: int) -> list[dict[str, str]]:
     return rows
 
 
-def tau_sweep(cfg: Recipe, rows: list[dict[str, str]]) -> list[dict[str, float]]:
+def prompt_of(row: dict[str, str]) -> str:
+    """lm-eval's GSM8K prompt layout, which the demo's data was rendered in."""
+    return f"Question: {row['question']}\nAnswer:"
+
+
+def tau_sweep(model: Any, gen: Any, rows: list[dict[str, str]]) -> list[dict[str, float]]:
     """Tokens per forward against decode-time tau (the loss-curve K-head chooses the horizon for any tau)."""
     from fluid_cli.decode import fluid_decode
-    from fluid_cli.generate import decode_settings, generate_config, load_model
+    from fluid_cli.generate import decode_settings
 
-    gen = generate_config(cfg)
-    model = load_model(gen)
-    prompts = [model.tokenizer(f"Question: {r['question']}\nAnswer:")["input_ids"] for r in rows]
+    prompts = [model.tokenizer(prompt_of(r))["input_ids"] for r in rows]
     points = []
     for tau in TAUS:
-        settings = replace(decode_settings(replace(gen, tau=tau), model), max_new_tokens=gen.max_new_tokens)
+        settings = decode_settings(replace(gen, tau=tau), model)
         tokens = forwards = 0
         for ids in prompts:
             stats = fluid_decode(model, ids, settings).stats
@@ -100,14 +103,12 @@ def tau_sweep(cfg: Recipe, rows: list[dict[str, str]]) -> list[dict[str, float]]
     return points
 
 
-def horizon_trace(cfg: Recipe, row: dict[str, str]) -> dict[str, Any]:
+def horizon_trace(model: Any, gen: Any, row: dict[str, str]) -> dict[str, Any]:
     """One generated answer with the horizon chosen and the tokens committed at every block."""
     from fluid_cli.decode import fluid_decode
-    from fluid_cli.generate import decode_settings, generate_config, load_model
+    from fluid_cli.generate import decode_settings
 
-    gen = generate_config(cfg)
-    model = load_model(gen)
-    ids = model.tokenizer(f"Question: {row['question']}\nAnswer:")["input_ids"]
+    ids = model.tokenizer(prompt_of(row))["input_ids"]
     blocks: list[list[int]] = []
     result = fluid_decode(model, ids, decode_settings(gen, model), on_block=blocks.append)
     return {
@@ -229,14 +230,16 @@ def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: li
     step(3, "calibrate-khead")
     calibrate.run(cfg)
     step(4, "generate")
-    prompts = [f"Question: {r['question']}\nAnswer:" for r in heldout[:3]]
+    prompts = [prompt_of(r) for r in heldout[:3]]
     generate.run(cfg, prompts, compare_ar=True)
     step(5, "eval")
     results = evaluate.run(cfg)
     timings["report"] = time.perf_counter()
 
-    trace = horizon_trace(cfg, heldout[0])
-    sweep = tau_sweep(cfg, heldout[: 4 if fast else 12])
+    gen = generate.generate_config(cfg)
+    model = generate.load_model(gen)
+    trace = horizon_trace(model, gen, heldout[0])
+    sweep = tau_sweep(model, gen, heldout[: 4 if fast else 12])
     plot(trace, sweep, out / "fluid-demo.png")
     names = list(timings)
     ends = [timings[n] for n in names[1:]] + [time.perf_counter()]
