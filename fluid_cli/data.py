@@ -8,137 +8,48 @@ split, and saved as a `datasets.DatasetDict` with two columns:
 - `input_ids`: the tokens of the rendered example;
 - `labels`: `input_ids[t]` where token t belongs to a trained segment, -100 elsewhere (unshifted, HF convention).
 
-Formats (the roles each reads; `columns` maps a role to the row's column when the names differ):
-
-    messages         messages = [{role, content}, ...]       OpenAI style, any number of turns
-    sharegpt         conversations = [{from, value}, ...]    from: human/user, gpt/assistant, system, ...
-    alpaca           instruction, input (optional), output   user = instruction + "\\n\\n" + input
-    prompt_response  prompt, response                        GSM8K: columns = {prompt = "question", response = "answer"}
-    text             text                                    every token trained; never templated
-
-Rendering: `template = "auto"` renders through the tokenizer's chat template (`template_kwargs` are passed to it,
-e.g. `{enable_thinking = false}`), and trains each assistant turn's content and its end-of-turn text. `template =
-"none"` concatenates the texts as they are (the tokenizer adds its BOS as usual) and appends the EOS token to every
-trained reply so that the model learns to stop. Single-turn formats shape their text with `prompt_format` and
-`response_format`, Python format strings over the row's columns plus `{prompt}` and `{response}`:
-
-    >>> spec = SourceSpec(0, "prompt_response", {"prompt": "question", "response": "answer"},
-    ...                   "Question: {question}\\nAnswer:", " {answer}", chat=False)
-    >>> render({"question": "1+1?", "answer": "2"}, spec, tokenizer=None, template_kwargs={}, eos="</s>")
-    ([('Question: 1+1?\\nAnswer:', False), (' 2</s>', True)], True)
-
-Labels come from the tokenization of the whole text, never of the pieces on their own: the text is tokenized prefix
-by prefix (through the end of each segment) and each segment owns the tokens its prefix adds. So `input_ids` is
-exactly the tokenization of the rendered text, and a token that straddles a boundary belongs to the later segment.
+The work is split by concern: `fluid_cli.sources` reads the sources into Arrow datasets and picks the mixture's
+rows, `fluid_cli.render` turns a row into text segments and tokens (the formats, `template`, `prompt_format`), and
+this module runs the command: tokenizing with `datasets.map`, the bookkeeping, the split and the output folder.
+The data stays in Arrow files, memory-mapped, from the sources to the output: rows are in Python only one
+`datasets.map` batch at a time, and the bookkeeping reads its small columns with Arrow compute.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
+import shutil
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from itertools import accumulate
 from pathlib import Path
-from string import Formatter
 from typing import Any
 
-import jinja2
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fluid_cli.config import DataConfig, DataSource, Recipe
+from fluid_cli.config import DataConfig, Recipe
 from fluid_cli.errors import FluidError
 from fluid_cli.io import atomic_dir, write_json_atomic
 from fluid_cli.layout import IGNORE
-from fluid_cli.synthetic import arithmetic_rows
+from fluid_cli.render import (
+    ENCODED_FEATURES,
+    RESERVED_TEMPLATE_KWARGS,
+    SourceSpec,
+    check_tokenizer,
+    encode_batch,
+    source_spec,
+)
+from fluid_cli.sources import BAD_EXAMPLES, Source, iter_picked, picked_rows, read_source, select_rows
 
-# Roles each format reads. All are required in every row but alpaca's `input` (may be absent or empty) and
-# `system` (read only when `columns` maps it, and only with a chat template: raw text has no system turn).
-FORMAT_ROLES: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output", "input", "system"),
-    "prompt_response": ("prompt", "response", "system"),
-    "text": ("text",),
-}
-SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "tool": "tool", "function": "tool",
-    "observation": "tool",
-}
-SYNTHETIC = {"synthetic:arithmetic": arithmetic_rows}
-SYNTHETIC_COLUMNS = {"prompt": "question", "response": "answer"}
-GSM8K_PROMPT, GSM8K_RESPONSE = "Question: {question}\nAnswer:", " {answer}"  # lm-eval's gsm8k layout
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-# apply_chat_template arguments that prepare-data sets itself.
-RESERVED_TEMPLATE_KWARGS = {"tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
-                            "return_assistant_tokens_mask", "conversation"}
 HISTOGRAM_BINS = 8
+TOKENIZE_BATCH = 256
 
 console = Console(soft_wrap=True)
-
-
-# --------------------------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """How one source's rows become text segments (everything the worker processes need; picklable)."""
-
-    index: int
-    format: str
-    columns: dict[str, str]  # role -> column name, for every role the format reads
-    prompt_format: str
-    response_format: str
-    chat: bool  # render through the tokenizer's chat template
-
-
-def source_spec(src: DataSource, index: int, data: DataConfig, where: str) -> SourceSpec:
-    """Check one `[[data.sources]]` entry and fill in its defaults."""
-    key = f"{where}: [data] sources[{index}]"
-    synthetic = src.path.startswith("synthetic:")
-    if synthetic and src.path not in SYNTHETIC:
-        raise FluidError(f"{key} path: unknown synthetic source {src.path!r} (known: {', '.join(SYNTHETIC)})")
-    if synthetic and src.num_samples is None:
-        raise FluidError(f"{key}: {src.path} needs num_samples, the number of rows to generate")
-    if synthetic and src.format not in (None, "prompt_response"):
-        raise FluidError(f"{key} format: {src.path} rows are prompt_response (question, answer), not {src.format!r}")
-    fmt = src.format or ("prompt_response" if synthetic else "messages")
-    roles = FORMAT_ROLES[fmt]
-    for role in src.columns:
-        if role not in roles:
-            raise FluidError(f"{key} columns: unknown role {role!r} for format {fmt!r} (roles: {', '.join(roles)})")
-    defaults = SYNTHETIC_COLUMNS if synthetic else {}
-    columns = {role: src.columns.get(role, defaults.get(role, role)) for role in roles
-               if role != "system" or "system" in src.columns}
-    if src.weight is not None and src.num_samples is not None:
-        raise FluidError(f"{key}: set weight or num_samples, not both")
-    if src.weight is not None and src.weight <= 0:
-        raise FluidError(f"{key} weight: must be positive, got {src.weight}")
-    if src.num_samples is not None and src.num_samples <= 0:
-        raise FluidError(f"{key} num_samples: must be positive, got {src.num_samples}")
-    if "system" in src.columns and data.template == "none":
-        raise FluidError(f"{key} columns: raw text (template = \"none\") has no system turn; "
-                         f"write {{{src.columns['system']}}} into prompt_format instead")
-    if fmt in ("messages", "sharegpt", "text") and (src.prompt_format or src.response_format):
-        raise FluidError(f"{key}: prompt_format/response_format apply to single-turn formats "
-                         f"(alpaca, prompt_response), not {fmt!r}")
-    gsm8k = synthetic and data.template == "none"
-    prompt_format = src.prompt_format or (GSM8K_PROMPT if gsm8k else "{prompt}")
-    response_format = src.response_format or (GSM8K_RESPONSE if gsm8k else "{response}")
-    for name, text in (("prompt_format", prompt_format), ("response_format", response_format)):
-        try:
-            fields = [f for _, f, _, _ in Formatter().parse(text) if f is not None]
-        except ValueError as e:
-            raise FluidError(f"{key} {name}: invalid format string {text!r} ({e})") from None
-        if any(f == "" or f.isdigit() for f in fields):
-            raise FluidError(f"{key} {name}: use named fields such as {{prompt}} or {{question}}, got {text!r}")
-    return SourceSpec(index, fmt, columns, prompt_format, response_format, chat=data.template == "auto")
 
 
 def check_settings(data: DataConfig, where: str) -> None:
@@ -156,383 +67,12 @@ def check_settings(data: DataConfig, where: str) -> None:
         raise FluidError(f"{where}: [data] template_kwargs: prepare-data sets {', '.join(sorted(reserved))} itself")
 
 
-def check_tokenizer(tokenizer: Any, specs: list[SourceSpec], name: str) -> None:
-    if any(s.chat and s.format != "text" for s in specs) and not getattr(tokenizer, "chat_template", None):
-        raise FluidError(f"{name}: the tokenizer has no chat template; set [data] template = \"none\" to train on "
-                         "the raw text (prompt_format/response_format shape it)")
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-class BadRow(Exception):
-    """A row that cannot be used; its message names the problem (the caller adds where the row is)."""
-
-
-@dataclass
-class Rows:
-    """One source's rows, each as a JSON object text, with where it came from (for error messages)."""
-
-    rows: list[str]
-    where: list[str]
-    bad: list[str]  # malformed rows skipped while reading (skip_bad_rows = true)
-
-
-def read_source(src: DataSource, index: int, data: DataConfig) -> Rows:
-    if src.path in SYNTHETIC:
-        rows = SYNTHETIC[src.path](src.num_samples, data.seed + index)
-        return Rows([json.dumps(r) for r in rows], [f"{src.path}[{k}]" for k in range(len(rows))], [])
-    path = Path(src.path)
-    if glob.has_magic(src.path):
-        files = sorted(Path(p) for p in glob.glob(src.path, recursive=True) if Path(p).is_file())
-        if not files:
-            raise FluidError(f"{src.path}: no files match")
-    elif path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return _from_disk(path, src.split)
-        files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
-        if not files:
-            raise FluidError(f"{src.path}: folder holds no {'/'.join(FILE_SUFFIXES)} files and is not a saved dataset")
-    elif path.is_file():
-        files = [path]
-    elif path.suffix or src.path.startswith((".", "/", "~")) or src.path.count("/") > 1:
-        raise FluidError(f"{src.path}: file not found")
-    else:
-        return _from_hub(src.path, src.split)
-    out = Rows([], [], [])
-    for file in files:
-        part = _read_file(file, data.skip_bad_rows)
-        out.rows += part.rows
-        out.where += part.where
-        out.bad += part.bad
-    return out
-
-
-def _read_file(file: Path, skip_bad_rows: bool) -> Rows:
-    suffix = file.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        raise FluidError(f"{file}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
-    if suffix in (".jsonl", ".json"):
-        return _read_json(file, skip_bad_rows)
-    import pyarrow
-    import pyarrow.csv
-    import pyarrow.parquet
-
-    try:
-        table = pyarrow.parquet.read_table(file) if suffix == ".parquet" else pyarrow.csv.read_csv(file)
-    except (pyarrow.ArrowInvalid, OSError) as e:
-        raise FluidError(f"{file}: unreadable {suffix[1:]} file ({str(e).strip().splitlines()[0]})") from None
-    first_row_line = 2 if suffix == ".csv" else 1  # CSV rows start after the header line
-    return Rows([_to_json(r) for r in table.to_pylist()],
-                [f"{file} row {k + first_row_line}" for k in range(table.num_rows)], [])
-
-
-def _read_json(file: Path, skip_bad_rows: bool) -> Rows:
-    """A JSON Lines file (or a .json file holding one array of objects); bad lines name their line number."""
-    text = file.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FluidError(f"{file}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-        out = Rows([], [], [])
-        for k, item in enumerate(items):
-            _keep_object(out, item, f"{file}[{k}]", skip_bad_rows)
-        return out
-    out = Rows([], [], [])
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            message = f"{file}:{lineno}: malformed JSON ({e.msg}, column {e.colno})"
-            if not skip_bad_rows:
-                raise FluidError(message) from None
-            out.bad.append(message)
-            continue
-        _keep_object(out, item, f"{file}:{lineno}", skip_bad_rows)
-    return out
-
-
-def _keep_object(out: Rows, item: Any, where: str, skip_bad_rows: bool) -> None:
-    if isinstance(item, dict):
-        out.rows.append(_to_json(item))
-        out.where.append(where)
-        return
-    message = f"{where}: expected a JSON object per row, got {type(item).__name__}"
-    if not skip_bad_rows:
-        raise FluidError(message)
-    out.bad.append(message)
-
-
-def _to_json(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, default=str)  # default=str: dates and the like from Parquet
-
-
-def _from_disk(path: Path, split: str) -> Rows:
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise FluidError(f"{path}: no split {split!r} (splits: {', '.join(loaded)}); set the source's split")
-        loaded = loaded[split]
-    return Rows([_to_json(r) for r in loaded.to_list()], [f"{path} row {k + 1}" for k in range(len(loaded))], [])
-
-
-def _from_hub(name: str, split: str) -> Rows:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub client raises many types (connection, missing repo, gated, bad split)
-        raise FluidError(f"{name}: not a local file or folder, and loading it from the dataset hub failed "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    return Rows([_to_json(r) for r in ds.to_list()], [f"{name}[{split}] row {k + 1}" for k in range(len(ds))], [])
-
-
-def select_rows(sizes: list[int], sources: list[DataSource], seed: int) -> list[np.ndarray]:
-    """Which rows of each source enter the mixture, in order.
-
-    - `num_samples = N`: N rows from a seeded permutation (the permutation repeats only when N exceeds the source);
-    - `weight = w`: the weighted sources are mixed in proportion to their weights, as many rows as possible
-      without repeating any;
-    - neither: every row once, in file order.
-
-        >>> from fluid_cli.config import DataSource as S
-        >>> [len(i) for i in select_rows([100, 10, 7], [S("a", weight=2.0), S("b", weight=1.0), S("c")], 0)]
-        [20, 10, 7]
-    """
-    weighted = [(i, s.weight) for i, s in enumerate(sources) if s.weight is not None]
-    total_weight = sum(w for _, w in weighted)
-    mixture_size = min((sizes[i] * total_weight / w for i, w in weighted), default=0.0)
-    picked = []
-    for i, (size, src) in enumerate(zip(sizes, sources)):
-        if src.num_samples is None and src.weight is None:
-            picked.append(np.arange(size))
-            continue
-        if src.num_samples is not None:
-            want = src.num_samples
-        else:
-            want = min(size, round(mixture_size * src.weight / total_weight))
-        rng = np.random.default_rng([seed, i])
-        repeats = max(1, -(-want // size))
-        picked.append(np.concatenate([rng.permutation(size) for _ in range(repeats)])[:want])
-    return picked
-
-
-# --------------------------------------------------------------------------------------------- rendering
-
-
-def render(row: dict, spec: SourceSpec, tokenizer: Any, template_kwargs: dict, eos: str
-           ) -> tuple[list[tuple[str, bool]], bool]:
-    """The row as `(text, trained)` segments, and whether to let the tokenizer add its special tokens (BOS).
-
-    Chat templates write their own special tokens, so those are added only to raw (`template = "none"`) text.
-    """
-    if spec.format == "text":
-        return [(_text(row, spec, "text") + eos, True)], True
-    messages = _conversation(row, spec) if spec.format in ("messages", "sharegpt") else _single_turn(row, spec)
-    if spec.chat:
-        return chat_segments(tokenizer, messages, template_kwargs), False
-    return [(m["content"] + eos, True) if m["role"] == "assistant" else (m["content"], False)
-            for m in messages], True
-
-
-def _column(row: dict, spec: SourceSpec, role: str) -> Any:
-    column = spec.columns[role]
-    if column not in row:
-        raise BadRow(f"column {column!r} ({role}) not found; the row has: {', '.join(row) or 'nothing'} "
-                     f"(map it with [data] sources[{spec.index}] columns = {{{role} = \"...\"}})")
-    if row[column] is None:
-        raise BadRow(f"column {column!r} ({role}) is null")
-    return row[column]
-
-
-def _text(row: dict, spec: SourceSpec, role: str) -> str:
-    value = _column(row, spec, role)
-    if isinstance(value, (dict, list)):
-        raise BadRow(f"column {spec.columns[role]!r} ({role}) must be text, got {type(value).__name__}")
-    return str(value)
-
-
-def _single_turn(row: dict, spec: SourceSpec) -> list[dict]:
-    if spec.format == "alpaca":
-        prompt = _text(row, spec, "instruction")
-        extra = row.get(spec.columns["input"])
-        if extra:
-            prompt += "\n\n" + str(extra)
-        response = _text(row, spec, "output")
-    else:
-        prompt, response = _text(row, spec, "prompt"), _text(row, spec, "response")
-    fields = {**row, "prompt": prompt, "response": response}
-    try:
-        user = spec.prompt_format.format_map(fields)
-        assistant = spec.response_format.format_map(fields)
-    except KeyError as e:
-        raise BadRow(f"prompt_format/response_format use {{{e.args[0]}}}, but the row has: {', '.join(row)}") from None
-    except (IndexError, AttributeError, ValueError, TypeError) as e:
-        raise BadRow(f"prompt_format/response_format failed on this row ({e})") from None
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    if "system" in spec.columns:
-        messages.insert(0, {"role": "system", "content": _text(row, spec, "system")})
-    return messages
-
-
-def _conversation(row: dict, spec: SourceSpec) -> list[dict]:
-    role_key, content_key = ("role", "content") if spec.format == "messages" else ("from", "value")
-    column = spec.columns["messages" if spec.format == "messages" else "conversations"]
-    turns = _column(row, spec, "messages" if spec.format == "messages" else "conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadRow(f"column {column!r} must be a non-empty list of turns, got {json.dumps(turns)[:60]}")
-    messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            keys = ", ".join(turn) if isinstance(turn, dict) else type(turn).__name__
-            raise BadRow(f"{column}[{k}] needs {role_key!r} and {content_key!r} (it has: {keys})")
-        role, content = turn[role_key], turn[content_key]
-        if not isinstance(content, str):
-            raise BadRow(f"{column}[{k}] {content_key} must be text, got {type(content).__name__}")
-        if spec.format == "sharegpt":
-            if role not in SHAREGPT_ROLES:
-                raise BadRow(f"{column}[{k}] from={role!r} is not one of: {', '.join(SHAREGPT_ROLES)}")
-            messages.append({"role": SHAREGPT_ROLES[role], "content": content})
-        elif not isinstance(role, str):
-            raise BadRow(f"{column}[{k}] role must be text, got {type(role).__name__}")
-        else:
-            # Keep the turn's other keys (tool calls, names, reasoning) for templates that render them.
-            extra = {key: value for key, value in turn.items() if key not in ("role", "content")}
-            messages.append({**extra, "role": role, "content": content})
-    return messages
-
-
-def chat_segments(tokenizer: Any, messages: list[dict], template_kwargs: dict) -> list[tuple[str, bool]]:
-    """Split the chat-template rendering of `messages` into untrained text and trained assistant turns.
-
-    Assistant turn i is trained from the end of the generation prompt for `messages[:i]` to the end of the
-    rendering of `messages[:i+1]`: its content and whatever the template closes the turn with (the end-of-turn
-    token), less trailing whitespace.
-
-        >>> from fluid_cli.tokenizer import build_char_tokenizer
-        >>> chat_segments(build_char_tokenizer(), [{"role": "user", "content": "hi"},
-        ...                                        {"role": "assistant", "content": "yo"}], {})
-        [('<|user|>hi<|end|><|assistant|>', False), ('yo<|end|>', True)]
-    """
-
-    def rendered(upto: int, prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt,
-                                                 **template_kwargs)
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
-            raise BadRow(f"the chat template failed on this conversation ({e})") from None
-
-    full = rendered(len(messages), False)
-    segments, pos = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head, turn = rendered(i, True), rendered(i + 1, False)
-        if not (len(head) >= pos and full.startswith(head) and full.startswith(turn) and len(turn) >= len(head)):
-            raise BadRow(f"the chat template renders turn {i} differently once later turns follow (for example it "
-                         "drops earlier reasoning), so its labels are ambiguous; use template = \"none\"")
-        # Whitespace the template writes after the end-of-turn token separates turns; decoding stops before it.
-        end = len(head) + len(full[len(head):len(turn)].rstrip())
-        segments += [(full[pos:len(head)], False), (full[len(head):end], True)]
-        pos = end
-    segments.append((full[pos:], False))
-    return [(text, trained) for text, trained in segments if text]
-
-
-def label_prefixes(prefix_ids: list[list[int]], trained: list[bool]) -> tuple[list[int], list[int]]:
-    """`input_ids` and `labels` from the tokenizations of growing prefixes of the text, one per segment.
-
-    Each segment owns the tokens its prefix adds to the previous prefix's; where a token merges across the
-    boundary (the prefixes disagree from position c on), everything from c belongs to the later segment.
-
-        >>> label_prefixes([[1, 5, 6], [1, 5, 7, 8, 2]], [False, True])
-        ([1, 5, 7, 8, 2], [-100, -100, 7, 8, 2])
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    for enc, train in zip(prefix_ids, trained):
-        common = 0
-        for a, b in zip(ids, enc):
-            if a != b:
-                break
-            common += 1
-        labels = labels[:common] + (list(enc[common:]) if train else [IGNORE] * (len(enc) - common))
-        ids = list(enc)
-    return ids, labels
-
-
-# --------------------------------------------------------------------------------------------- encoding
-
-ENCODED_FEATURES = {
-    "input_ids": ("int64", True), "labels": ("int64", True), "error": ("string", False),
-    "drop": ("string", False), "truncated": ("bool", False), "n_tokens": ("int64", False),
-    "n_trained": ("int64", False),
-}
-
-
-def encode_batch(batch: dict, tokenizer: Any, specs: list[SourceSpec], template_kwargs: dict, cutoff_len: int
-                 ) -> dict[str, list]:
-    """`datasets.map` function: JSON rows -> input_ids/labels cut at `cutoff_len`, plus per-row bookkeeping."""
-    out: dict[str, list] = {name: [] for name in ENCODED_FEATURES}
-    eos = tokenizer.eos_token or ""
-    for src, text, where in zip(batch["src"], batch["row"], batch["where"]):
-        ids, labels, error, drop = [], [], "", ""
-        try:
-            segments, add_special = render(json.loads(text), specs[src], tokenizer, template_kwargs, eos)
-            prefixes = list(accumulate(segment for segment, _ in segments))
-            encodings = tokenizer(prefixes, add_special_tokens=add_special)["input_ids"]
-            ids, labels = label_prefixes(encodings, [trained for _, trained in segments])
-        except BadRow as e:
-            error = f"{where}: {e}"
-        truncated = len(ids) > cutoff_len
-        trainable = labels.count(IGNORE) < len(labels)
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        n_trained = len(labels) - labels.count(IGNORE)
-        if not error and n_trained == 0:
-            drop = "trainable_part_cut" if trainable else "no_trainable_tokens"
-        if drop or error:
-            ids, labels = [], []
-        for name, value in (("input_ids", ids), ("labels", labels), ("error", error), ("drop", drop),
-                            ("truncated", truncated and not drop), ("n_tokens", len(ids)), ("n_trained", n_trained)):
-            out[name].append(value)
-    return out
-
-
-def encode(mixture: Any, tokenizer: Any, specs: list[SourceSpec], data: DataConfig, tokenizer_name: str) -> Any:
-    """Tokenize every row of `mixture` with `datasets.map` over `num_proc` processes (with a progress bar)."""
-    import datasets
-
-    features = datasets.Features({
-        name: datasets.List(datasets.Value(dtype)) if is_list else datasets.Value(dtype)
-        for name, (dtype, is_list) in ENCODED_FEATURES.items()
-    } | {"src": datasets.Value("int64")})
-    # Name the result ourselves: datasets would hash the tokenizer object, which need not hash the same way in
-    # every process, and the fingerprint lands in state.json, which must be byte-identical run to run.
-    settings = json.dumps([[asdict(s) for s in specs], data.template_kwargs, data.cutoff_len, tokenizer_name,
-                           len(tokenizer)], sort_keys=True, default=str)
-    fingerprint = hashlib.sha256(f"{mixture._fingerprint}|{settings}".encode()).hexdigest()[:16]
-    num_proc = min(data.num_proc, len(mixture))
-    return mixture.map(
-        encode_batch,
-        batched=True,
-        batch_size=256,
-        remove_columns=["row", "where"],
-        features=features,
-        fn_kwargs={"tokenizer": tokenizer, "specs": specs, "template_kwargs": data.template_kwargs,
-                   "cutoff_len": data.cutoff_len},
-        num_proc=num_proc if num_proc > 1 else None,
-        new_fingerprint=fingerprint,
-        desc="Tokenizing",
-    )
-
-
 def validation_size(validation: float, n: int, where: str) -> int:
-    """Rows held out: a fraction (< 1) of `n`, at least one, or a whole count (>= 1)."""
+    """Rows held out: a fraction (< 1) of `n`, at least one, or a whole count (>= 1).
+
+        >>> validation_size(0.1, 50, "recipe"), validation_size(0.001, 50, "recipe"), validation_size(3, 50, "recipe")
+        (5, 1, 3)
+    """
     if validation == 0:
         return 0
     if validation >= 1:
@@ -551,7 +91,7 @@ def validation_size(validation: float, n: int, where: str) -> int:
 
 def run(cfg: Recipe, overwrite: bool = False) -> dict:
     """Prepare the recipe's `[data]` into `[data] output_dir`; returns the statistics saved as `stats.json`."""
-    from fluid_cli.modeling import load_tokenizer
+    from fluid_cli.backbone import recipe_tokenizer
 
     data, where = cfg.data, cfg.source or "recipe"
     check_settings(data, where)
@@ -560,45 +100,64 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    read = [read_source(src, i, data) for i, src in enumerate(data.sources)]
-    for src, rows in zip(data.sources, read):
-        if not rows.rows:
-            raise FluidError(f"{src.path}: no usable rows ({len(rows.bad)} malformed rows skipped)")
-    picked = select_rows([len(r.rows) for r in read], data.sources, data.seed)
-    tokenizer = load_tokenizer(cfg.model, corpus=lambda: corpus(read, picked, specs))
-    scratch = cfg.model.scratch
-    tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"
-    check_tokenizer(tokenizer, specs, tokenizer_name)
-    if not data.skip_bad_rows:
-        probe_first_rows(read, picked, tokenizer, specs, data)
-    tokenize_started = time.perf_counter()
-    encoded = encode(mixture(read, picked), tokenizer, specs, data, tokenizer_name)
-    tokenize_seconds = time.perf_counter() - tokenize_started
+    with scratch_dir(out) as work:
+        sources = [read_source(src, spec, data, work) for src, spec in zip(data.sources, specs)]
+        for src, source in zip(data.sources, sources):
+            if not len(source):
+                raise FluidError(f"{src.path}: no usable rows ({source.bad} malformed rows skipped)")
+        picked = select_rows([len(s) for s in sources], data.sources, data.seed)
+        tokenizer = recipe_tokenizer(cfg.model, corpus=lambda: corpus(sources, picked, specs, work))
+        scratch = cfg.model.scratch
+        tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"
+        check_tokenizer(tokenizer, specs, tokenizer_name)
+        if not data.skip_bad_rows:
+            probe_first_rows(sources, picked, tokenizer, specs, data, work)
+        tokenize_started = time.perf_counter()
+        encoded = encode(sources, picked, tokenizer, specs, data, tokenizer_name, work)
+        tokenize_seconds = time.perf_counter() - tokenize_started
 
-    book = encoded.select_columns(["src", "error", "drop", "truncated", "n_tokens", "n_trained"]).to_dict()
-    errors = [e for e in book["error"] if e]
-    if errors and not data.skip_bad_rows:
-        raise FluidError(f"{errors[0]} ({len(errors)} bad row(s) in all; [data] skip_bad_rows = true skips them)")
-    keep = [k for k, (e, d) in enumerate(zip(book["error"], book["drop"])) if not e and not d]
-    if not keep:
-        raise FluidError(f"{where}: [data]: no examples left ({len(errors)} bad rows, "
-                         f"{sum(1 for d in book['drop'] if d)} without trainable tokens within cutoff_len)")
-    dataset = split(encoded.select(keep), data, where)
-    stats = summarize(cfg, specs, tokenizer_name, read, picked, book, keep,
-                      {name: len(ds) for name, ds in dataset.items()})
-    try:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            dataset.save_to_disk(str(tmp))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            write_json_atomic(tmp / "stats.json", stats)
-            cfg.save(tmp)
-    except FileExistsError:
-        raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
+        book = bookkeeping(encoded, sources, picked, data, where)
+        examples = encoded_stages(kept_rows(encoded, book.keep, work), cfg, tokenizer, work)
+        dataset = split(examples, data, where, work)
+        stats = summarize(cfg, specs, tokenizer_name, sources, picked, book, examples,
+                          {name: len(ds) for name, ds in dataset.items()})
+        try:
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                dataset.save_to_disk(str(tmp))
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                write_json_atomic(tmp / "stats.json", stats)
+                cfg.save(tmp)
+        except FileExistsError:
+            raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
     print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds)
     return stats
 
 
-def corpus(read: list[Rows], picked: list[np.ndarray], specs: list[SourceSpec]) -> Iterator[str]:
+def encoded_stages(examples: Any, cfg: Recipe, tokenizer: Any, work: Path) -> Any:
+    """The stage boundary between the encoded examples and the split/save (stages go here, one call each).
+
+    `examples` is a `datasets.Dataset` of the kept examples in mixture order: `input_ids` and `labels`, plus the
+    bookkeeping columns `truncated`, `n_tokens` and `n_trained`, which nothing after this reads. A stage that
+    rewrites examples (self-distillation, say) takes such a dataset and returns one with `input_ids` and `labels`;
+    `work` is the run's scratch folder for its Arrow files. What it returns must carry a fixed fingerprint
+    (`new_fingerprint=` on its `map`) so that the output stays byte-identical run to run. The token counts and
+    lengths in `stats.json` are read from what this returns; `truncated` counts the cut made when encoding.
+    """
+    return examples
+
+
+@contextmanager
+def scratch_dir(out: Path) -> Iterator[Path]:
+    """A scratch folder next to `out` for the run's Arrow files (on the same disk, not in memory); removed after."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def corpus(sources: list[Source], picked: list[np.ndarray], specs: list[SourceSpec], work: Path) -> Iterator[str]:
     """The text a run-time BPE tokenizer is trained on: every string in the picked rows, plus the literal parts
     of each source's prompt/response formats once per row (so "Question:" becomes a token like the data's words)."""
 
@@ -612,77 +171,205 @@ def corpus(read: list[Rows], picked: list[np.ndarray], specs: list[SourceSpec]) 
             for v in value:
                 yield from strings(v)
 
-    for i, idx in enumerate(picked):
-        literals = [lit for fmt in (specs[i].prompt_format, specs[i].response_format)
-                    for lit, *_ in Formatter().parse(fmt) if lit]
-        for k in idx:
-            yield from strings(json.loads(read[i].rows[k]))
+    for i, (source, idx) in enumerate(zip(sources, picked)):
+        literals = specs[i].literals()
+        for row in iter_picked(source, idx, work, f"corpus-{i}"):
+            yield from strings(row)
             yield from literals
 
 
-def mixture(read: list[Rows], picked: list[np.ndarray]) -> Any:
-    """The picked rows of every source, source after source, as a `datasets.Dataset` of JSON texts."""
-    import datasets
-
-    return datasets.Dataset.from_dict({
-        "src": [i for i, idx in enumerate(picked) for _ in idx],
-        "row": [read[i].rows[k] for i, idx in enumerate(picked) for k in idx],
-        "where": [read[i].where[k] for i, idx in enumerate(picked) for k in idx],
-    })
-
-
-def probe_first_rows(read: list[Rows], picked: list[np.ndarray], tokenizer: Any, specs: list[SourceSpec],
-                     data: DataConfig) -> None:
+def probe_first_rows(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, specs: list[SourceSpec],
+                     data: DataConfig, work: Path) -> None:
     """Fail fast on a misconfigured source (a wrong column map, say), not after tokenizing everything."""
-    firsts = [(i, read[i].rows[idx[0]], read[i].where[idx[0]]) for i, idx in enumerate(picked) if len(idx)]
-    batch = {"src": [i for i, _, _ in firsts], "row": [r for _, r, _ in firsts], "where": [w for _, _, w in firsts]}
-    errors = [e for e in encode_batch(batch, tokenizer, specs, data.template_kwargs, data.cutoff_len)["error"] if e]
-    if errors:
-        raise FluidError(f"{errors[0]} ([data] skip_bad_rows = true skips bad rows)")
+    for i, (source, idx) in enumerate(zip(sources, picked)):
+        if not len(idx):
+            continue
+        batch = picked_rows(source, idx[:1], work, f"probe-{i}")[:1]
+        error = encode_batch(batch, tokenizer, specs[i], source.layout, data.template_kwargs,
+                             data.cutoff_len)["error"][0]
+        if error:
+            place = source.locate([int(idx[0])])[0]
+            raise FluidError(f"{place}: {error} ([data] skip_bad_rows = true skips bad rows)")
 
 
-def split(kept: Any, data: DataConfig, where: str) -> Any:
-    """Shuffle the kept examples (seeded) and hold out `[data] validation` of them."""
+def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, specs: list[SourceSpec],
+           data: DataConfig, tokenizer_name: str, work: Path) -> Any:
+    """Tokenize the picked rows of every source with `datasets.map` over `num_proc` processes (progress bars).
+
+    Each source is tokenized on its own columns and its results are concatenated, source after source: the
+    encoded columns are the same for every source, while the sources' own schemas differ, so this is where they
+    meet without first converting every row to a common form. The results are Arrow files in `work`.
+    """
     import datasets
 
-    n_val = validation_size(data.validation, len(kept), where)
-    shuffled = kept.select_columns(["input_ids", "labels"]).shuffle(seed=data.seed)
-    splits = {"train": shuffled.select(range(n_val, len(kept)))}
+    features = datasets.Features({
+        name: datasets.List(datasets.Value(dtype)) if is_list else datasets.Value(dtype)
+        for name, (dtype, is_list) in ENCODED_FEATURES.items()
+    })
+    parts = []
+    for i, (source, idx, spec) in enumerate(zip(sources, picked, specs)):
+        if not len(idx):
+            continue
+        rows = picked_rows(source, idx, work, f"pick-{i}")
+        # Name the result ourselves: datasets would hash the tokenizer object, which need not hash the same way in
+        # every process, and the fingerprint lands in state.json, which must be byte-identical run to run.
+        settings = json.dumps([source.identity, _digest(np.asarray(idx).tobytes()), source.layout, asdict(spec),
+                               data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer)],
+                              sort_keys=True, default=str)
+        num_proc = min(data.num_proc, len(rows))
+        parts.append(rows.map(
+            encode_batch,
+            batched=True,
+            batch_size=TOKENIZE_BATCH,
+            remove_columns=rows.column_names,
+            features=features,
+            fn_kwargs={"tokenizer": tokenizer, "spec": spec, "layout": source.layout,
+                       "template_kwargs": data.template_kwargs, "cutoff_len": data.cutoff_len},
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(work / f"encoded-{i}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=_digest(settings),
+            desc="Tokenizing" if len(sources) == 1 else f"Tokenizing {source.path}",
+        ))
+    if not parts:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    # (concatenate_datasets lists the columns in the format; None, as in any new dataset, keeps state.json plain)
+    return datasets.concatenate_datasets(parts, info=datasets.DatasetInfo(features=features)).with_format(None)
+
+
+# --------------------------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class Book:
+    """What tokenizing left, as counts and index arrays (never one Python object per row)."""
+
+    rows_in: int  # rows tokenized (the mixture)
+    keep: np.ndarray  # positions of the rows that became examples
+    row_errors: np.ndarray  # per source: rows that could not be rendered
+    error_examples: list[str]  # the first BAD_EXAMPLES of those, with where each row is
+    no_trainable_tokens: int
+    trainable_part_cut: int
+    truncated: int  # kept examples cut at cutoff_len
+
+
+def arrow_column(ds: Any, name: str) -> Any:
+    """One column of `ds` as a pyarrow array (through its indices mapping, if any); no Python objects per row."""
+    return ds.with_format("arrow", columns=[name])[:][name]
+
+
+def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], data: DataConfig, where: str) -> Book:
+    """Count errors and drops of the encoded rows with Arrow compute; stop at the first bad row unless
+    `skip_bad_rows`, naming where it is."""
+    import pyarrow.compute as pc
+
+    offsets = np.cumsum([0] + [len(idx) for idx in picked])
+    errors = arrow_column(encoded, "error")
+    bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
+
+    def located(positions: np.ndarray) -> list[str]:
+        """`where: message` for mixture rows `positions`."""
+        messages = errors.take(positions).to_pylist()
+        which = np.searchsorted(offsets, positions, side="right") - 1
+        places: dict[int, str] = {}
+        for s in sorted(set(which.tolist())):
+            mine = positions[which == s]
+            rows = [int(picked[s][m - offsets[s]]) for m in mine]
+            places.update(zip(mine.tolist(), sources[s].locate(rows)))
+        return [f"{places[m]}: {message}" for m, message in zip(positions.tolist(), messages)]
+
+    if len(bad) and not data.skip_bad_rows:
+        raise FluidError(f"{located(bad[:1])[0]} ({len(bad)} bad row(s) in all; "
+                         "[data] skip_bad_rows = true skips them)")
+    drops = arrow_column(encoded, "drop")
+    dropped = pc.not_equal(drops, "").to_numpy(zero_copy_only=False)
+    is_bad = np.zeros(len(encoded), dtype=bool)
+    is_bad[bad] = True
+    keep = np.flatnonzero(~is_bad & ~dropped)
+    if not len(keep):
+        raise FluidError(f"{where}: [data]: no examples left ({len(bad)} bad rows, "
+                         f"{int(dropped.sum())} without trainable tokens within cutoff_len)")
+    truncated = arrow_column(encoded, "truncated").to_numpy(zero_copy_only=False)
+    return Book(
+        rows_in=len(encoded),
+        keep=keep,
+        row_errors=np.bincount(np.searchsorted(offsets, bad, side="right") - 1, minlength=len(sources)),
+        error_examples=located(bad[:BAD_EXAMPLES]),
+        no_trainable_tokens=int(pc.sum(pc.equal(drops, "no_trainable_tokens")).as_py() or 0),
+        trainable_part_cut=int(pc.sum(pc.equal(drops, "trainable_part_cut")).as_py() or 0),
+        truncated=int(truncated[keep].sum()),
+    )
+
+
+def kept_rows(encoded: Any, keep: np.ndarray, work: Path) -> Any:
+    """The rows that became examples, in mixture order (an indices mapping over `encoded`)."""
+    columns = ["input_ids", "labels", "truncated", "n_tokens", "n_trained"]
+    return encoded.select_columns(columns, new_fingerprint=_digest(f"{encoded._fingerprint}|columns")).select(
+        keep, indices_cache_file_name=str(work / "kept.indices.arrow"),
+        new_fingerprint=_digest(f"{encoded._fingerprint}|keep|{_digest(keep.tobytes())}"))
+
+
+def token_counts(examples: Any, batch_size: int = 4096) -> tuple[np.ndarray, int]:
+    """Each example's length and the number of trained tokens in all, read batch by batch with Arrow compute."""
+    import pyarrow.compute as pc
+
+    lengths, trained = [], 0
+    for table in examples.with_format("arrow", columns=["input_ids", "labels"]).iter(batch_size=batch_size):
+        lengths.append(pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False))
+        trained += int(pc.sum(pc.not_equal(pc.list_flatten(table["labels"]), IGNORE)).as_py() or 0)
+    return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), trained
+
+
+def split(examples: Any, data: DataConfig, where: str, work: Path) -> Any:
+    """Shuffle the examples (seeded) and hold out `[data] validation` of them."""
+    import datasets
+
+    n = len(examples)
+    n_val = validation_size(data.validation, n, where)
+    base = examples._fingerprint
+    shuffled = examples.select_columns(["input_ids", "labels"], new_fingerprint=_digest(f"{base}|ids")).shuffle(
+        seed=data.seed, indices_cache_file_name=str(work / "shuffle.indices.arrow"),
+        new_fingerprint=_digest(f"{base}|shuffle|{data.seed}"))
+    splits = {"train": shuffled.select(range(n_val, n), new_fingerprint=_digest(f"{base}|train|{data.seed}|{n_val}"))}
     if n_val:
-        splits["validation"] = shuffled.select(range(n_val))
+        splits["validation"] = shuffled.select(range(n_val),
+                                               new_fingerprint=_digest(f"{base}|validation|{data.seed}|{n_val}"))
     return datasets.DatasetDict(splits)
 
 
-def summarize(cfg: Recipe, specs: list[SourceSpec], tokenizer_name: str, read: list[Rows], picked: list[np.ndarray],
-              book: dict, keep: list[int], split_sizes: dict[str, int]) -> dict:
+def summarize(cfg: Recipe, specs: list[SourceSpec], tokenizer_name: str, sources: list[Source],
+              picked: list[np.ndarray], book: Book, examples: Any, split_sizes: dict[str, int]) -> dict:
     """The content of `stats.json` (no timings, so that the output folder is byte-identical run to run)."""
     data = cfg.data
-    row_errors = Counter(src for src, e in zip(book["src"], book["error"]) if e)
-    drops = Counter(d for d in book["drop"] if d)
-    lengths = np.array([book["n_tokens"][k] for k in keep])
+    lengths, trainable = token_counts(examples)
     edges = np.linspace(0, data.cutoff_len, HISTOGRAM_BINS + 1).round().astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
-    bad_messages = [m for r in read for m in r.bad] + [e for e in book["error"] if e]
+    read_bad = sum(s.bad for s in sources)
+    bad_messages = [m for s in sources for m in s.bad_examples] + book.error_examples
     return {
-        "examples_in": len(book["src"]) + sum(len(r.bad) for r in read),
+        "examples_in": book.rows_in + read_bad,
         "examples_out": split_sizes,
-        "dropped": {"bad_row": len(bad_messages), "no_trainable_tokens": drops["no_trainable_tokens"],
-                    "trainable_part_cut": drops["trainable_part_cut"]},
-        "truncated": sum(1 for k in keep if book["truncated"][k]),
-        "tokens": {"total": int(lengths.sum()), "trainable": int(sum(book["n_trained"][k] for k in keep))},
+        "dropped": {"bad_row": read_bad + int(book.row_errors.sum()), "no_trainable_tokens": book.no_trainable_tokens,
+                    "trainable_part_cut": book.trainable_part_cut},
+        "truncated": book.truncated,
+        "tokens": {"total": int(lengths.sum()), "trainable": trainable},
         "length": {"mean": round(float(lengths.mean()), 2), "max": int(lengths.max()),
                    "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}},
         "sources": [
-            {"path": src.path, "format": spec.format, "rows_read": len(r.rows) + len(r.bad),
-             "rows_used": len(idx), "bad_rows": len(r.bad) + row_errors[i]}
-            for i, (src, spec, r, idx) in enumerate(zip(data.sources, specs, read, picked))
+            {"path": src.path, "format": spec.format, "rows_read": len(s) + s.bad, "rows_used": len(idx),
+             "bad_rows": s.bad + int(book.row_errors[i])}
+            for i, (src, spec, s, idx) in enumerate(zip(data.sources, specs, sources, picked))
         ],
-        "bad_row_examples": bad_messages[:20],
+        "bad_row_examples": bad_messages[:BAD_EXAMPLES],
         "tokenizer": tokenizer_name,
         "template": data.template,
         "cutoff_len": data.cutoff_len,
         "seed": data.seed,
     }
+
+
+def _digest(value: str | bytes) -> str:
+    return hashlib.sha256(value if isinstance(value, bytes) else value.encode()).hexdigest()[:16]
 
 
 def print_summary(stats: dict, out: Path, total_seconds: float, tokenize_seconds: float) -> None:

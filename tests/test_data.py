@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
-from fluid_cli.data import GSM8K_PROMPT, GSM8K_RESPONSE
+from fluid_cli.render import GSM8K_PROMPT, GSM8K_RESPONSE
 from fluid_cli.layout import IGNORE
 from fluid_cli.synthetic import arithmetic_rows
 from fluid_cli.tokenizer import build_char_tokenizer
@@ -376,6 +376,46 @@ def test_output_folder_contents(tmp_path):
     tok = AutoTokenizer.from_pretrained("out/tokenizer")
     assert tok.get_vocab() == build_char_tokenizer().get_vocab()
     assert not [p for p in Path(".").iterdir() if p.name.startswith(".out")]  # no temporary folders left
+
+
+def test_a_large_source_stays_in_arrow(tmp_path, monkeypatch):
+    """20,000 JSONL rows are prepared without ever being a Python list: no whole-dataset conversion to or from
+    Python runs, and rows reach Python only one `datasets` batch at a time (while they are tokenized)."""
+    from datasets.formatting.formatting import PythonArrowExtractor
+
+    n = 20_000
+    write_jsonl(tmp_path / "big.jsonl", [{"id": i, "prompt": f"What is {i} + 1?", "response": f" {i + 1}"}
+                                         for i in range(n)])
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"Dataset.{name} materialises a whole dataset in Python")
+        return method
+
+    rows_to_python = []  # the size of every Arrow table that datasets turns into Python objects
+
+    def spy_on(name):
+        original = getattr(PythonArrowExtractor, name)
+
+        def spy(self, pa_table):
+            rows_to_python.append(pa_table.num_rows)
+            return original(self, pa_table)
+        return spy
+
+    with monkeypatch.context() as patch:
+        for name in ("to_list", "to_dict", "to_pandas", "to_polars", "from_list", "from_dict", "from_pandas"):
+            patch.setattr(datasets.Dataset, name, refuse(name))
+        for name in ("extract_row", "extract_column", "extract_batch"):
+            patch.setattr(PythonArrowExtractor, name, spy_on(name))
+        prepare(write_recipe(tmp_path, [{"path": "big.jsonl", "format": "prompt_response"}], template="none",
+                             validation=100))
+    assert sum(rows_to_python) >= n  # every row was tokenized in Python ...
+    assert max(rows_to_python) <= 1000  # ... a batch at a time
+    ds, stats = load()
+    assert stats["examples_in"] == n and stats["examples_out"] == {"train": n - 100, "validation": 100}
+    tok = build_char_tokenizer()
+    assert sorted(tok.decode(ex["input_ids"]) for split in ds.values() for ex in split) == sorted(
+        f"What is {i} + 1? {i + 1}<|end|>" for i in range(n))
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -4,10 +4,11 @@ import doctest
 
 import pytest
 
-from fluid_cli import config, khead, layout, tokenizer
+from fluid_cli import config, data, khead, layout, render, sources, synthetic, tokenizer
 
 
-@pytest.mark.parametrize("module", [config, khead, layout, tokenizer], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [config, data, khead, layout, render, sources, synthetic, tokenizer],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
