@@ -1,13 +1,19 @@
-"""`fluid bench decode`: HF `generate` (greedy) against the FLUID decoder, on the same model and prompts.
+"""`fluid bench decode`: FLUID against the decoders a user could pick instead, on the same model and prompts.
 
-Three decoders run every prompt: `hf` (`model.generate(do_sample=False)`, the reference users know), `ar` (this
-package's greedy loop, one token per forward: it separates the method's gain from loop overheads) and `fluid`.
-Forwards are counted with a hook on the decoder stack, for every decoder alike. Each decoder first runs one short
-untimed generation, so none pays the first call's setup. The GPU is used when there is one.
+Decoders (each on every prompt, at every `--batch-size`):
+- `hf`: transformers' `generate(do_sample=False)`, the reference everything is compared with (left-padded
+  batches); `hf-static`: the same with a static cache (transformers compiles it on a GPU);
+- `prompt-lookup`: transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`), which needs no training
+  (batch 1 only, as in transformers); `assisted`: assisted generation with `--draft-model` (batch 1 only);
+- `ar`: this package's greedy loop, one token per forward (it separates the method's gain from loop overheads);
+- `fluid`: the FLUID decoder with the `[generate]` settings.
 
-Reading the output: `tokens/forward` is what the method buys (1.0 for both greedy decoders); `speed-up vs hf`
-is what it delivers in wall-clock time, less than tokens/forward where a forward over a block costs more than
-over one token (CPU) or where the loop's own overhead shows (tiny models).
+Forwards of the model under test are counted with one hook on its decoder stack, for every decoder alike (an
+assistant model's own forwards are not counted). Each decoder first runs one short untimed generation, so none
+pays the first call's setup (nor FLUID its one-time forward-cost probe). The GPU is used when there is one.
+
+Reading the output: `tok/fwd` is what a method buys (1.0 for greedy decoding); `vs hf` is what it delivers in
+wall-clock time. `same` counts outputs identical to `hf` at batch size 1.
 """
 
 from __future__ import annotations
@@ -22,35 +28,32 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import GenerationConfig
 
 from fluid_cli.config import Recipe
-from fluid_cli.decode import DecodeSettings, ar_decode, fluid_decode, generation_budget
-from fluid_cli.generate import Prompt, decode_settings, encode, generate_config, load_model
+from fluid_cli.decode import Decoder, DecodeSettings, Request, ar_settings, generation_budget
+from fluid_cli.errors import FluidError
+from fluid_cli.hf import greedy_generate_batch, load_causal_lm
+from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
 from fluid_cli.io import write_json_atomic
-from fluid_cli.modeling import FluidModel
+from fluid_cli.model import FluidModel
+from fluid_cli.prompts import Prompt, encode_prompt
 
-DECODERS = ("hf", "ar", "fluid")
+DECODERS = ("hf", "hf-static", "prompt-lookup", "assisted", "ar", "fluid")
+DEFAULT_DECODERS = ("hf", "prompt-lookup", "ar", "fluid")
+BATCH_ONE_ONLY = ("prompt-lookup", "assisted")
 
 
 @dataclass
 class Tally:
-    """Totals of one decoder over the prompt set."""
+    """Totals of one decoder at one batch size over the prompt set."""
 
     tokens: int = 0
     forwards: int = 0
     wall_s: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
 
-    def add(self, tokens: list[int], forwards: int, wall_s: float) -> None:
-        self.tokens += len(tokens)
-        self.forwards += forwards
-        self.wall_s += wall_s
-        self.outputs.append(tokens)
-
-    def summary(self, reference: Tally) -> dict[str, Any]:
+    def summary(self, reference: list[list[int]], ref_tokens_per_s: float) -> dict[str, Any]:
         tokens_per_s = self.tokens / self.wall_s if self.wall_s else 0.0
-        ref_tokens_per_s = reference.tokens / reference.wall_s if reference.wall_s else 0.0
         return {
             "tokens": self.tokens,
             "forwards": self.forwards,
@@ -59,11 +62,13 @@ class Tally:
             "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0,
             "forwards_per_token": self.forwards / self.tokens if self.tokens else 0.0,
             "speedup_vs_hf": tokens_per_s / ref_tokens_per_s if ref_tokens_per_s else 0.0,
-            "same_as_hf": sum(a == b for a, b in zip(self.outputs, reference.outputs)),
+            "same_as_hf": sum(a == b for a, b in zip(self.outputs, reference)),
         }
 
 
-class _ForwardCounter:
+class ForwardCounter:
+    """Counts calls of a model's decoder stack: every forward, whoever runs it."""
+
     def __init__(self, model: FluidModel):
         self.calls = 0
         self.handle = model.lm.get_decoder().register_forward_hook(self._count)
@@ -71,74 +76,117 @@ class _ForwardCounter:
     def _count(self, *_: Any) -> None:
         self.calls += 1
 
-
-def hf_greedy(model: FluidModel, ids: list[int], settings: DecodeSettings, max_new_tokens: int) -> list[int]:
-    """`model.generate` with a config of its own, so that sampling or penalties in the model's
-    generation_config.json cannot turn it into something other than greedy decoding."""
-    device = next(model.lm.parameters()).device
-    eos = list(settings.eos_token_ids) or None
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (eos or [0])[0]
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    input_ids = torch.tensor([ids], device=device)
-    with torch.inference_mode():
-        out = model.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-    return out[0, len(ids):].tolist()
+    def close(self) -> None:
+        self.handle.remove()
 
 
-def _timed(device: torch.device, fn: Any, *args: Any) -> tuple[Any, float]:
-    """`fn(*args)` and its wall time, with the GPU's queued work included."""
+def _timed(device: torch.device, fn: Any) -> tuple[Any, float]:
+    """`fn()` and its wall time, with the GPU's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    value = fn(*args)
+    value = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return value, time.perf_counter() - start
 
 
+class _Runners:
+    """Each decoder as `run(prompts, batch_size, max_new) -> outputs`, on one model."""
+
+    def __init__(self, model: FluidModel, settings: DecodeSettings, lookup_tokens: int, draft: Any):
+        self.model, self.settings = model, settings
+        self.eos, self.pad = settings.eos_token_ids, model.tokenizer.pad_token_id
+        # A draft-only model's base never emits its (added) mask token; HF must not either, to be the base model.
+        self.suppress = (model.mask_token_id,) if model.meta.lora_scope == "draft" else ()
+        self.lookup_tokens, self.draft = lookup_tokens, draft
+        self.decoders: dict[int, tuple[Decoder, Decoder]] = {}
+
+    def hf(self, prompts: list[list[int]], max_new: int, **kwargs: Any) -> list[list[int]]:
+        return greedy_generate_batch(self.model.lm, prompts, max_new, self.eos, self.pad, self.suppress, **kwargs)
+
+    def __call__(self, name: str, prompts: list[list[int]], batch_size: int, max_new: int) -> list[list[int]]:
+        if name in ("ar", "fluid"):
+            if batch_size not in self.decoders:  # kept across calls: FLUID probes its forward costs once
+                self.decoders[batch_size] = (Decoder(self.model, ar_settings(self.settings), batch_size=batch_size),
+                                             Decoder(self.model, self.settings, batch_size=batch_size))
+            ar, fluid = self.decoders[batch_size]
+            results, _ = (ar if name == "ar" else fluid).run([Request(p, max_new_tokens=max_new) for p in prompts])
+            return [r.tokens for r in results]
+        extra: dict[str, Any] = {}
+        if name == "hf-static":
+            extra["cache_implementation"] = "static"
+        elif name == "prompt-lookup":
+            extra["prompt_lookup_num_tokens"] = self.lookup_tokens
+        elif name == "assisted":
+            extra["assistant_model"] = self.draft
+        outputs = []
+        for s in range(0, len(prompts), batch_size):
+            outputs += self.hf(prompts[s: s + batch_size], max_new, **extra)
+        return outputs
+
+
 def run(recipe: Recipe, prompts: list[Prompt], *, output: Path | None = None, limit: int | None = None,
-        json_output: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run the prompt set through every decoder; print the table (or, with `json_output`, the JSON report on
-    stdout) and write the JSON report to `output`."""
+        json_output: bool = False, batch_sizes: list[int] | None = None, decoders: list[str] | None = None,
+        draft_model: str | None = None, lookup_tokens: int = 8, overwrite: bool = False,
+        console: Console | None = None) -> dict[str, Any]:
+    """Run the prompt set through every decoder at every batch size; print the table (or, with `json_output`, the
+    JSON report on stdout) and write the JSON report to `output`."""
     console = console or Console(stderr=True)
+    batch_sizes = batch_sizes or [1]
+    if any(b < 1 for b in batch_sizes):
+        raise FluidError(f"--batch-size {','.join(map(str, batch_sizes))}: every batch size must be at least 1")
+    if limit is not None and limit < 1:
+        raise FluidError(f"--limit {limit}: must be at least 1")
+    names = list(decoders or DEFAULT_DECODERS) + (["assisted"] if draft_model and not decoders else [])
+    unknown = [n for n in names if n not in DECODERS]
+    if unknown:
+        raise FluidError(f"--decoders {','.join(unknown)}: unknown (choose from {', '.join(DECODERS)})")
+    if "assisted" in names and not draft_model:
+        raise FluidError("--decoders assisted needs --draft-model DIR (a small model with the same tokenizer)")
+    if output is not None and output.exists() and not overwrite:
+        raise FluidError(f"{output}: exists; pass --overwrite to replace it")
     cfg = generate_config(recipe)
-    model = load_model(cfg)
-    device = next(model.lm.parameters()).device
+    model = load_decoding_model(cfg)
+    device = model.device
+    draft = load_causal_lm(draft_model, dtype=model.dtype).to(device).eval() if draft_model else None
     settings = replace(decode_settings(cfg, model), stop=None)  # HF gets no stop strings either
-    encoded = [encode(model.tokenizer, p, cfg.chat_template) for p in prompts[:limit]]
-    counter = _ForwardCounter(model)
-    decoders = {
-        "hf": lambda ids, s: hf_greedy(model, ids, s, generation_budget(model, ids, s)[0]),
-        "ar": lambda ids, s: ar_decode(model, ids, s).tokens,
-        "fluid": lambda ids, s: fluid_decode(model, ids, s).tokens,
-    }
-    for decode in decoders.values():  # warm-up
-        decode(encoded[0], replace(settings, max_new_tokens=2))
-    tallies = {name: Tally() for name in DECODERS}
-    per_prompt = []
-    with console.status("decoding") as status:
-        for n, ids in enumerate(encoded, start=1):
-            status.update(f"prompt {n}/{len(encoded)}")
-            row: dict[str, Any] = {"prompt_tokens": len(ids)}
-            for name, decode in decoders.items():
-                before = counter.calls
-                tokens, wall_s = _timed(device, decode, ids, settings)
-                tallies[name].add(tokens, counter.calls - before, wall_s)
-                row[name] = {"tokens": len(tokens), "forwards": counter.calls - before, "wall_s": wall_s}
-            row["fluid_same_as_hf"] = tallies["fluid"].outputs[-1] == tallies["hf"].outputs[-1]
-            per_prompt.append(row)
-    counter.handle.remove()
+    encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts[:limit]]
+    max_new = min(generation_budget(model, ids, settings.max_new_tokens)[0] for ids in encoded)
+    runners = _Runners(model, settings, lookup_tokens, draft)
+    counter = ForwardCounter(model)
+    tallies: dict[tuple[str, int], Tally] = {}
+    try:
+        with console.status("decoding") as status:
+            for batch_size in batch_sizes:
+                for name in names:
+                    if batch_size > 1 and name in BATCH_ONE_ONLY:
+                        continue
+                    status.update(f"{name}, batch size {batch_size}")
+                    runners(name, encoded[:batch_size], batch_size, 2)  # warm-up (and FLUID's cost probe)
+                    before = counter.calls
+                    outputs, wall = _timed(device, lambda: runners(name, encoded, batch_size, max_new))
+                    tallies[name, batch_size] = Tally(sum(map(len, outputs)), counter.calls - before, wall, outputs)
+            reference = tallies.get(("hf", 1)) or Tally(outputs=runners("hf", encoded, 1, max_new))
+    finally:
+        counter.close()
     report = {
         "model": str(cfg.model_dir),
+        "exact_to": model.meta.exact_to,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(next(model.lm.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "prompts": len(encoded),
+        "max_new_tokens": max_new,
         "settings": {"horizon": settings.horizon, "tau": settings.tau, "threshold": settings.threshold,
                      "max_k": settings.max_k, "min_k": settings.min_k, "verify": settings.verify,
-                     "max_new_tokens": settings.max_new_tokens, "chat_template": cfg.chat_template},
-        "decoders": {name: tallies[name].summary(tallies["hf"]) for name in DECODERS},
-        "per_prompt": per_prompt,
+                     "compile": settings.compile, "chat_template": cfg.chat_template,
+                     "prompt_lookup_num_tokens": lookup_tokens, "draft_model": draft_model},
+        "runs": [
+            {"decoder": name, "batch_size": b,
+             **t.summary(reference.outputs, _rate(tallies.get(("hf", b)) or reference))}
+            for (name, b), t in tallies.items()
+        ],
     }
     if output is not None:
         write_json_atomic(output, report)
@@ -151,14 +199,19 @@ def run(recipe: Recipe, prompts: list[Prompt], *, output: Path | None = None, li
     return report
 
 
+def _rate(t: Tally) -> float:
+    return t.tokens / t.wall_s if t.wall_s else 0.0
+
+
 def report_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"decoding benchmark: {report['prompts']} prompts on {report['device']} "
-                        f"({report['dtype']})")
-    for col in ("decoder", "tokens", "forwards", "s", "tok/s", "tok/fwd", "fwd/tok", "vs hf", "same"):
+    table = Table(title=f"decoding benchmark: {report['prompts']} prompts x {report['max_new_tokens']} new tokens on "
+                        f"{report['device']} ({report['dtype']})")
+    for col in ("decoder", "batch", "tokens", "forwards", "s", "tok/s", "tok/fwd", "vs hf", "same"):
         table.add_column(col, justify="left" if col == "decoder" else "right")
-    for name, d in report["decoders"].items():
-        table.add_row(name, str(d["tokens"]), str(d["forwards"]), f"{d['wall_s']:.2f}", f"{d['tokens_per_s']:.1f}",
-                      f"{d['tokens_per_forward']:.2f}", f"{d['forwards_per_token']:.2f}",
-                      f"{d['speedup_vs_hf']:.2f}x", f"{d['same_as_hf']}/{report['prompts']}")
-    table.caption = "vs hf: tokens/s over HF generate's; same: outputs identical to HF generate's"
+    for r in report["runs"]:
+        table.add_row(r["decoder"], str(r["batch_size"]), str(r["tokens"]), str(r["forwards"]), f"{r['wall_s']:.2f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}", f"{r['speedup_vs_hf']:.2f}x",
+                      f"{r['same_as_hf']}/{report['prompts']}")
+    table.caption = ("vs hf: tokens/s over HF generate's at the same batch size; same: outputs identical to HF "
+                     "generate's at batch size 1")
     return table

@@ -37,9 +37,18 @@ from rich.text import Text
 from fluid_cli.config import KHeadConfig, Recipe
 from fluid_cli.errors import FluidError
 from fluid_cli.io import write_json_atomic
-from fluid_cli.khead import KHead, gaussian_soft_labels, horizon_from_curve, predict_horizon, soft_cross_entropy
+from fluid_cli.folder import KHEAD_NAME, load_model, read_meta, save_khead
+from fluid_cli.hf import hidden_size_of, resolve_dtype
+from fluid_cli.khead import (
+    KHead,
+    KHeadMeta,
+    gaussian_soft_labels,
+    horizon_from_curve,
+    predict_horizon,
+    soft_cross_entropy,
+)
 from fluid_cli.layout import IGNORE, MASK_SLOT, ExpandedBatch, build_expanded_batch, pad_batch
-from fluid_cli.modeling import KHEAD_NAME, FluidMeta, FluidModel, hidden_size_of, torch_dtype
+from fluid_cli.model import FluidMeta, FluidModel
 
 REPORT_NAME = "calibration.json"
 LOGIT_CHUNK = 4096  # slots per LM-head call: bounds the [slots, vocab] logits for large vocabularies
@@ -61,6 +70,12 @@ class Pairs:
 
     def k_star(self, tau: float) -> torch.Tensor:
         return horizon_from_curve(self.losses, tau, self.valid)
+
+    def slot_loss(self) -> list[float]:
+        """Mean loss of each slot over the pairs where it exists (nats): the scale `tau` is chosen on."""
+        total = (self.losses.double() * self.valid).sum(0)
+        count = self.valid.sum(0).clamp(min=1)
+        return [round(float(x), 4) for x in total / count]
 
     def batch(self, idx: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = idx.sort().values  # sequential reads when memory-mapped
@@ -135,8 +150,10 @@ def block_losses(model: FluidModel, ex: ExpandedBatch) -> tuple[torch.Tensor, to
     target is past the end or not a response token do not count).
     """
     K = model.max_k
-    dtype = next(model.lm.parameters()).dtype
-    hidden = model.hidden_states(**ex.model_inputs(dtype if dtype.is_floating_point else torch.float32))
+    dtype = model.dtype
+    # Main rows (whose hidden states feed the K-head) run the base path, block rows the draft path.
+    hidden = model.hidden_states(draft_from=ex.num_main,
+                                 **ex.model_inputs(dtype if dtype.is_floating_point else torch.float32))
     hidden = hidden.last_hidden_state
     # expand_batch lays blocks out row-major in anchor order, slots 1..K in order, so a boolean selection of the
     # mask slots reshapes to [blocks, K].
@@ -392,7 +409,7 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
     if taus is not None and len(taus) == 1:
         kc.tau = taus[0]
     model_dir = Path(kc.model_dir or cfg.train.output_dir)
-    meta = FluidMeta.read(model_dir)
+    meta = read_meta(model_dir)
     _check(cfg, meta, model_dir)
     data_path = kc.dataset or cfg.data.output_dir
     data = load_rows(data_path)
@@ -407,12 +424,8 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
         raise FluidError("calibrate-khead runs in one process (the head is tiny); start it without `accelerate launch`")
     # The collection pass feeds a dense 4D mask, which sdpa and eager attention take (not flex_attention).
     attn = "eager" if cfg.model.attn_implementation == "eager" else "sdpa"
-    dtype = torch_dtype(cfg.model.dtype)
-    if dtype == "auto":
-        on_gpu = accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if on_gpu else torch.float32
-    # Merging folds the adapter into the weights: the same function, one matmul per layer fewer.
-    model = FluidModel.load(model_dir, dtype=dtype, device=accelerator.device, merge=True, attn_implementation=attn)
+    model = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype, accelerator.device),
+                       device=accelerator.device, merge=True, attn_implementation=attn)
     model.requires_grad_(False).eval()
     report: dict[str, Any] = {
         "model_dir": str(model_dir), "dataset": str(data_path), "objective": kc.objective, "K": meta.max_k,
@@ -425,6 +438,7 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
         pairs = _collect_splits(cfg, model, data, splits, Path(tmp), progress, report["storage"])
         report["collect_s"] = time.perf_counter() - start
         report["pairs"] = {name: len(p) for name, p in pairs.items()}
+        report["slot_loss"] = pairs["holdout"].slot_loss()
         fits = _fit_sweep(kc, pairs, sorted(set(taus or []) | {kc.tau}), accelerator.device, progress)
         report["results"] = [
             {**evaluate_head(fit.head, pairs["train"], pairs["holdout"], objective=kc.objective, tau=tau,
@@ -435,15 +449,14 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
     report["fit_s"] = sum({id(fit): fit.seconds for fit in fits.values()}.values())  # a shared fit counts once
 
     model.khead = fits[kc.tau].head.cpu()
-    model.meta.khead = {
-        "objective": kc.objective, "tau": kc.tau, "sigma": kc.sigma, "K": meta.max_k, "calibrated": True,
-        "data": {"path": str(data_path), "pairs": report["pairs"]["train"],
-                 "holdout_pairs": report["pairs"]["holdout"]},
-        "steps": kc.steps, "lr": kc.lr,
-    }
+    model.meta.khead = KHeadMeta(
+        objective=kc.objective, calibrated=True, tau=kc.tau, sigma=kc.sigma, slot_loss=report["slot_loss"],
+        steps=kc.steps, lr=kc.lr,
+        data={"path": str(data_path), "pairs": report["pairs"]["train"], "holdout_pairs": report["pairs"]["holdout"]},
+    )
     write_json_atomic(model_dir / REPORT_NAME, report)
     cfg.save(model_dir, name="calibration-config.toml")  # the Stage I recipe stays beside it
-    model.save_khead(model_dir)  # fluid.json last: the directory is complete at every moment
+    save_khead(model, model_dir)  # the K-head and fluid.json replace the old ones together
     _print_report(Console(), report)
     return report
 
@@ -509,6 +522,8 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
     for k, (a, b) in enumerate(zip(saved["hist_k_star"], saved["hist_pred"]), start=1):
         hist.add_row(str(k), str(a), "█" * round(16 * a / top), str(b), "[cyan]" + "█" * round(16 * b / top))
     console.print(hist)
+    console.print("held-out loss per slot (nats), the scale --tau is chosen on: "
+                  + "  ".join(f"{k}: {x:.2f}" for k, x in enumerate(report["slot_loss"], start=1)))
     console.print(f"collection pass {report['collect_s']:.1f} s, head fits {report['fit_s']:.1f} s. Saved the head for "
                   f"tau={saved['tau']:g} ({report['objective']}) to {Path(report['model_dir']) / KHEAD_NAME}; "
                   f"report: {Path(report['model_dir']) / REPORT_NAME}")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fluid_cli import __version__
+from fluid_cli.config import EVAL_DECODERS, HORIZONS
 from fluid_cli.errors import FluidError
 
 app = typer.Typer(
@@ -147,10 +148,12 @@ def calibrate_khead(
         calibrate.run(load_recipe(recipe, set_), taus=calibrate.parse_taus(tau) if tau is not None else None)
 
 
-class EvalDecoder(str, Enum):
-    fluid = "fluid"
-    ar = "ar"
-    both = "both"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice type from one of the recipe schema's choice lists."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+EvalDecoder = _choices("EvalDecoder", EVAL_DECODERS)
 
 
 @app.command("eval")
@@ -181,6 +184,9 @@ def eval_(
                                                       "tokenizer's chat template.")] = False,
     allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Let HumanEval run the "
                                                        "generated programs (subprocess, timeout).")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Requests decoded (and log-likelihoods "
+                                                      "scored) together (default 8).", show_default=False)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Fixed-shape decode steps through torch.compile.")] = False,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (\\[eval], \\[generate]).",
                                                    show_default=False)] = None,
     set_: SetOpt = None,
@@ -194,17 +200,13 @@ def eval_(
             "eval.num_fewshot": num_fewshot, "eval.decoder": decoder, "eval.data_dir": data_dir,
             "eval.output_dir": output_dir, "eval.apply_chat_template": apply_chat_template or None,
             "eval.allow_code_execution": allow_code_execution or None, "generate.tau": tau,
-            "generate.threshold": threshold,
+            "generate.threshold": threshold, "eval.batch_size": batch_size, "generate.compile": compile_ or None,
         })
         evaluate.run(cfg)
 
 
 # -- decoding: `fluid generate` and `fluid bench decode` share the [generate] flags ----------------------------
-class Horizon(str, Enum):
-    auto = "auto"
-    khead = "khead"
-    fixed = "fixed"
-    entropy = "entropy"
+Horizon = _choices("Horizon", HORIZONS)
 
 
 OptionalRecipeArg = Annotated[
@@ -220,14 +222,23 @@ PromptFileOpt = Annotated[Optional[Path], typer.Option("--prompt-file", help="On
 ChatTemplateOpt = Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="Wrap prompts in "
                                                          "the tokenizer's chat template (default: on).",
                                                          show_default=False)]
-HorizonOpt = Annotated[Optional[Horizon], typer.Option("--horizon", help="khead: the K-head picks K per block; "
-                                                       "fixed: always max-k; entropy: from a first draft's entropy; "
-                                                       "auto: khead if calibrated, else fixed.", show_default=False)]
-TauOpt = Annotated[Optional[float], typer.Option("--tau", help="Horizon threshold in nats (default: the model's "
-                                                 "calibrated tau).", show_default=False)]
-ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Fill a draft slot early when its top "
-                                                       "probability exceeds this (default 0.9; 1 = never).",
+HorizonOpt = Annotated[Optional[Horizon], typer.Option("--horizon", help="cost: the most expected tokens per unit "
+                                                       "of time (draft confidences, measured forward costs); khead: "
+                                                       "the K-head's K* at tau; fixed: always max-k; entropy: from a "
+                                                       "first draft's entropy; auto (default): cost, or without "
+                                                       "verification khead if calibrated, else entropy.",
                                                        show_default=False)]
+TauOpt = Annotated[Optional[float], typer.Option("--tau", help="khead/entropy horizon threshold in nats (default: "
+                                                 "the model's calibrated tau; `fluid calibrate-khead` shows the "
+                                                 "per-slot loss scale).", show_default=False)]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Fill a draft slot early when its top "
+                                                       "probability exceeds this (default 0 with verification: every "
+                                                       "slot from the first draft; 0.9 without; 1 = never).",
+                                                       show_default=False)]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Prompts decoded together (default 1).",
+                                                     show_default=False)]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Fixed-shape decode steps through torch.compile (CUDA "
+                                          "graphs on a GPU).")]
 MaxKOpt = Annotated[Optional[int], typer.Option("--max-k", help="Largest block (default: the model's K).",
                                                 show_default=False)]
 MinKOpt = Annotated[Optional[int], typer.Option("--min-k", help="Smallest block (default 1).", show_default=False)]
@@ -256,20 +267,27 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string, kept in the output "
                                                       "(repeatable).", show_default=False)] = None,
     mask_token: MaskTokenOpt = None,
+    batch_size: BatchSizeOpt = None,
+    compile_: CompileOpt = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of streaming.")] = False,
-    compare_ar: Annotated[bool, typer.Option("--compare-ar", help="Also decode greedily (one token per forward); "
-                                             "report the speed-up and whether the outputs match.")] = False,
+    compare_ar: Annotated[bool, typer.Option("--compare-ar", help="Also decode greedily on the same weights (one token "
+                                             "per forward); report the speed-up and whether the outputs match.")] = False,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also run the original model (base_model, plain "
+                                               "transformers greedy decoding) and report whether the outputs "
+                                               "match.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Decode prompts with elastic horizons, streaming each committed block in alternating shades."""
     with user_errors():
         from fluid_cli import generate as gen
+        from fluid_cli.prompts import read_prompts
 
         cfg = _recipe_with_flags(recipe, set_, _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, stop=stop or None,
-            mask_token=mask_token))
-        gen.run(cfg, gen.read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar)
+            mask_token=mask_token, batch_size=batch_size, compile=compile_ or None))
+        gen.run(cfg, read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar,
+                compare_base=compare_base)
 
 
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
@@ -292,20 +310,47 @@ def bench_decode(
     no_verify: NoVerifyOpt = False,
     max_new_tokens: MaxNewOpt = None,
     mask_token: MaskTokenOpt = None,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Batch sizes to measure, e.g. 1,4,8 "
+                                                      "(default 1).", show_default=False)] = None,
+    compile_: CompileOpt = False,
+    decoders: Annotated[Optional[str], typer.Option("--decoders", help="Comma-separated, from hf, hf-static, "
+                                                    "prompt-lookup, assisted, ar, fluid (default: hf, prompt-lookup, "
+                                                    "ar, fluid; assisted too with --draft-model).",
+                                                    show_default=False)] = None,
+    draft_model: Annotated[Optional[str], typer.Option("--draft-model", help="A small model with the same tokenizer "
+                                                       "for assisted generation.", show_default=False)] = None,
+    lookup_tokens: Annotated[int, typer.Option("--lookup-tokens", help="prompt_lookup_num_tokens of prompt-lookup "
+                                               "decoding.")] = 8,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSON report here.",
                                                    show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """HF generate (greedy) vs the FLUID decoder on one model: tokens/s, tokens per forward, speed-up."""
+    """FLUID against HF generate, prompt-lookup decoding and greedy decoding on one model: tokens/s, tokens per
+    forward, identical outputs, per batch size."""
     with user_errors():
         from fluid_cli import bench
-        from fluid_cli.generate import read_prompts
+        from fluid_cli.prompts import read_prompts
 
         cfg = _recipe_with_flags(recipe, set_, _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
-            min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token))
-        bench.run(cfg, read_prompts(prompt, prompt_file), output=output, limit=limit, json_output=json_output)
+            min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token,
+            compile=compile_ or None))
+        bench.run(cfg, read_prompts(prompt, prompt_file), output=output, limit=limit, json_output=json_output,
+                  batch_sizes=_int_list("--batch-size", batch_size), overwrite=overwrite,
+                  decoders=decoders.split(",") if decoders else None, draft_model=draft_model,
+                  lookup_tokens=lookup_tokens)
+
+
+def _int_list(flag: str, text: Optional[str]) -> Optional[list[int]]:
+    """`--batch-size 1,4,8` -> [1, 4, 8] (one-line error otherwise)."""
+    if text is None:
+        return None
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise FluidError(f"{flag} {text}: expected whole numbers, e.g. 1,4,8") from None
 
 
 @app.command("demo")

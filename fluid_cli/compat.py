@@ -1,33 +1,29 @@
-"""Version-sensitive transformers calls, wrapped in one place.
+"""Version-sensitive calls into transformers and lm-eval, wrapped in one place.
 
-transformers 5.x changes APIs between minor versions; the supported range is pinned in pyproject.toml and
-every call whose meaning moved lives here.
+transformers 5.x changes APIs between minor versions, and lm-eval's task index and YAML loader are private
+modules; the tested ranges are pinned in pyproject.toml and every such call lives here.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from torch.nn import Module
-from transformers import Cache
 
 
-def cache_length(cache: Cache) -> int:
-    """Number of tokens held in the cache."""
-    return int(cache.get_seq_length())
+def lm_eval_task_index() -> tuple[Any, Any, Any, Any]:
+    """lm-eval's task index (`Entry`, `Kind`, `TaskIndex`) and YAML loader (`load_yaml`): private modules of
+    lm-eval 0.4.12 and later, used to resolve task names without indexing all of lm-eval's task files."""
+    try:
+        from lm_eval.tasks._index import Entry, Kind, TaskIndex
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as e:  # a release outside the tested range moved them
+        from fluid_cli.errors import FluidError
 
-
-def crop_cache(cache: Cache, keep: int) -> None:
-    """Drop cached tokens so that exactly `keep` remain.
-
-    `DynamicCache.crop(n)` with a positive `n` meant "keep n" in 5.17 and raises from 5.2x on; `crop(-m)`,
-    "drop the last m", means the same in both, so that is the only form used.
-    """
-    drop = cache_length(cache) - keep
-    if drop < 0:
-        raise ValueError(f"cannot keep {keep} tokens of a cache holding {cache_length(cache)}")
-    if drop:
-        cache.crop(-drop)
+        raise FluidError(f"this lm-eval release has no task index where fluid expects it ({e}); install the tested "
+                         "range: pip install 'lm-eval>=0.4.12,<0.5'") from None
+    return Entry, Kind, TaskIndex, load_yaml
 
 
 def cache_kwarg(decoder: Module) -> str:

@@ -37,6 +37,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 RESOLVED_CONFIG_NAME = "fluid-config.toml"
 
+# Choice lists, defined once: the schema, the command line and the code that acts on them all read these.
+HORIZONS = ("auto", "cost", "khead", "fixed", "entropy")  # decoding horizon policies (fluid_cli.decode)
+DECODERS = ("fluid", "ar")  # FLUID decoding, or plain greedy decoding through the same loop
+EVAL_DECODERS = (*DECODERS, "both")  # `fluid eval` runs one, or both side by side
+
 
 # --------------------------------------------------------------------------------------------- tables
 
@@ -113,6 +118,10 @@ class FluidConfig:
 @dataclass
 class LoraSection:
     enabled: bool = True  # false = full fine-tuning
+    # draft: the LoRA deltas (and the mask row) act only on block rows, main rows run the frozen base weights, so
+    # verified decoding equals the original model's greedy decoding; all: on every row (the original method's
+    # joint training; verified decoding then equals the adapted model's greedy decoding)
+    scope: Literal["draft", "all"] = "draft"
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -144,7 +153,9 @@ class TrainConfig:
 class KHeadConfig:
     model_dir: str | None = None  # defaults to [train] output_dir
     dataset: str | None = None  # defaults to [data] output_dir
-    objective: Literal["gaussian", "loss-curve"] = "gaussian"
+    # loss-curve: regress per-slot losses, the horizon rule applied at decode time (so --tau works at generate
+    # time); gaussian: the paper's classifier over horizons for one tau
+    objective: Literal["loss-curve", "gaussian"] = "loss-curve"
     tau: float = 2.8
     sigma: float = 1.5
     steps: int = 2000
@@ -161,17 +172,22 @@ class KHeadConfig:
 @dataclass
 class GenerateConfig:
     model_dir: str | None = None  # defaults to [train] output_dir
-    # auto = khead when the model's K-head is calibrated, else fixed
-    horizon: Literal["auto", "khead", "fixed", "entropy"] = "auto"
-    tau: float | None = None  # defaults to the model's calibration tau
-    threshold: float = 0.9
+    # cost: expected tokens per unit of time (draft confidences, measured forward costs); khead: the K-head's K*
+    # at tau; fixed: always max_k; entropy: from the first draft's entropy; auto: cost with verification, else
+    # khead when the head is calibrated, else entropy
+    horizon: Literal[HORIZONS] = "auto"
+    tau: float | None = None  # khead: defaults to the model's calibration tau; entropy: 2.8
+    threshold: float | None = None  # fill a draft slot early above this probability; default 0 verified, 0.9 not
     max_k: int | None = None  # defaults to the model's K
     min_k: int = 1
     verify: bool = True
     max_new_tokens: int = 256
+    batch_size: int = 1  # prompts decoded together (a finished one makes room for the next)
+    compile: bool = False  # fixed-shape decode steps through torch.compile (CUDA graphs on a GPU)
     chat_template: bool = True  # ignored (with a notice) when the tokenizer has none
     stop: list[str] = field(default_factory=list)  # stop strings, kept in the output as HF generate does
     mask_token: str | None = None  # plain (non-FLUID) models only; defaults to the tokenizer's unk, then pad token
+    device: str = "auto"  # auto = cuda if available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
 
 
@@ -181,7 +197,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     num_fewshot: int | None = None
-    decoder: Literal["fluid", "ar", "both"] = "fluid"
+    decoder: Literal[EVAL_DECODERS] = "fluid"
     data_dir: str | None = None  # local benchmark files laid out like ../shared/data (else env FLUID_DATA_DIR)
     output_dir: str = "runs/eval"
     apply_chat_template: bool = False
@@ -239,7 +255,7 @@ def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = 
         raise FluidError(f"{file}: invalid TOML: {e}") from None
     for item in overrides or []:
         _apply_override(raw, item)
-    recipe = _build(Recipe, raw, (), _Where(file, text))
+    recipe = build_typed(Recipe, raw, (), _Where(file, text))
     recipe.source = None if file == "<recipe>" else file
     return recipe
 
@@ -353,8 +369,11 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _build(tp: Any, value: Any, keypath: tuple[str | int, ...], where: _Where) -> Any:
-    """Check `value` against the type annotation `tp`, building dataclasses from tables."""
+def build_typed(tp: Any, value: Any, keypath: tuple[str | int, ...], where: Any) -> Any:
+    """Check `value` against the type annotation `tp`, building dataclasses from tables.
+
+    `where.error(keypath, message)` makes the `FluidError` for a mismatch (a recipe names file and line; other
+    typed files, such as a model folder's `fluid.json`, say where in their own way)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -365,16 +384,19 @@ def _build(tp: Any, value: Any, keypath: tuple[str | int, ...], where: _Where) -
             if key not in known:
                 choices = ", ".join(known)
                 raise where.error(keypath + (key,), f"unknown key (known keys here: {choices})")
-        kwargs = {k: _build(hints[k], v, keypath + (k,), where) for k, v in value.items()}
+        kwargs = {k: build_typed(hints[k], v, keypath + (k,), where) for k, v in value.items()}
         for name, f in known.items():
             if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise where.error(keypath + (name,), "required key is missing")
         return tp(**kwargs)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        tables = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(tables) == 1:  # a table given for an optional table: its own errors
+            return build_typed(tables[0], value, keypath, where)
         for arg in args:
             try:
-                return _build(arg, value, keypath, where)
+                return build_typed(arg, value, keypath, where)
             except FluidError:
                 continue
         raise where.error(keypath, f"expected {_type_name(tp)}, got {value!r}")
@@ -386,15 +408,17 @@ def _build(tp: Any, value: Any, keypath: tuple[str | int, ...], where: _Where) -
         if not isinstance(value, list):
             raise where.error(keypath, f"expected {_type_name(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
-        return [_build(item_tp, v, keypath + (i,), where) for i, v in enumerate(value)]
+        return [build_typed(item_tp, v, keypath + (i,), where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise where.error(keypath, f"expected a table, got {value!r}")
         _, val_tp = typing.get_args(tp)
-        return {k: _build(val_tp, v, keypath + (k,), where) for k, v in value.items()}
+        return {k: build_typed(val_tp, v, keypath + (k,), where) for k, v in value.items()}
     if tp is Any:
         return value
-    if tp is type(None):
+    if tp is type(None):  # only JSON has a null (TOML does not)
+        if value is None:
+            return None
         raise where.error(keypath, "expected nothing")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

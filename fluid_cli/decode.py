@@ -1,75 +1,92 @@
-"""Elastic-horizon parallel decoding with exact-greedy verification (METHOD 3), on token ids only.
+"""Elastic-horizon parallel decoding with exact-greedy verification (METHOD 3), on token ids, many prompts at once.
 
-State between blocks: the KV cache of the committed prefix `x_0..x_{n-1}`, the prefix's logits `p0` for `x_n`
-and its last hidden state `h`. One block:
+State of a generation (a *row*) between forwards: the committed prefix, cached in its own row of a preallocated
+KV cache (`fluid_cli.cache.RowCache`: a token's cache column is its position); the committed tokens not cached yet
+(the prompt, or a correction); and the drafted block awaiting verification. One block:
 
-1. **horizon** `K_t`: the K-head on `h` (`khead`), `max_k` (`fixed`), or the largest `k` whose mean predictive
-   entropy over slots `0..k-1` (`p0`, then the first draft forward's outputs) is under `tau` (`entropy`);
+1. **horizon** `K_t`: the cost-aware rule (`cost`, `fluid_cli.policy`: expected tokens per unit of time from the
+   first draft's confidences, corrected online), the K-head on the prefix's last hidden state (`khead`), `max_k`
+   (`fixed`), or the largest `k` whose mean predictive entropy over slots `0..k-1` is under `tau` (`entropy`);
    clamped to `[min_k, max_k]` and to the tokens left.
-2. **draft**: the first draft forward feeds every slot as `[M]`; with `p0` it predicts every slot (`p0` slot 0,
-   output `j` slot `j+1`). After each draft forward the left-most open slot takes its argmax and every later open
-   slot whose top probability exceeds `threshold` takes its argmax; the next draft forward feeds the decided slots
-   as tokens and the open ones as `[M]`. Draft forwards are never kept in the cache.
-3. **verify**: one causal forward over the block. Slot `j` is accepted while it equals the AR argmax given slots
-   `< j`; the first mismatch is replaced by that argmax and ends the block. So every committed token is the
-   greedy choice given its prefix, and the output equals greedy AR decoding (up to floating-point near-ties).
-4. **commit** the accepted tokens (their KV stays cached); stop at EOS, a stop sequence, `max_new_tokens` or the
-   end of the model's context.
+2. **draft**: slot 0 is the greedy token (the prefix's own prediction). The forward that produced it also fed
+   mask rows, whose outputs are the first draft of slots `1..`: each slot whose top probability exceeds
+   `threshold` takes its argmax. While slots stay open, a draft forward feeds the decided slots as tokens and the
+   open ones as masks; the left-most open slot then takes its argmax. Draft forwards are never kept in the cache.
+   A draft forward that, with every slot before an early-filled one decided, predicts another token there ends
+   the block at that slot (verification would cut it there anyway).
+3. **verify**: one causal forward over the block: slot `j` is accepted while it equals the greedy choice given
+   slots `< j`; the first mismatch is replaced by that choice and ends the block. So every committed token is the
+   greedy choice given its prefix, and the output equals greedy decoding (up to floating-point near-ties).
+4. **commit** the accepted tokens (their KV stays cached: rolling back is moving the row's length); stop at EOS, a
+   stop sequence, `max_new_tokens` or the end of the model's context.
 
-No forward is run whose result is already known, and forwards that can share a pass do:
-- the verify forward of block `t` also carries block `t+1`'s first draft forward: `[block t, [M] x (K-1)]`.
-  Attention is causal, so the appended masks change nothing for the block; if the block is accepted whole, its
-  last output is the next `p0`, its hidden state the next `h`, and the mask outputs are the next block's first
-  draft. (If the block is cut, the mask outputs were conditioned on a wrong token and are dropped.)
-- a cut block keeps its accepted tokens' KV; the correction token is committed and fed, uncached, at the head of
-  the next forward, `[correction, [M] x (K-1)]`, which caches it, gives `p0` and `h` and drafts the next block.
-  The prompt is fed the same way, so the prefill is also the first block's first draft forward.
-- a one-token block needs no verification (slot 0 is `argmax p0`, the greedy token): it is committed at once.
-- the last block is verified without its last token, whose output would only predict past the end.
+Forwards that can share a pass do: the verify forward of block `t` also carries block `t+1`'s first draft,
+`[block t, [M] x m]` (attention is causal, so the masks change nothing for the block; if the block is accepted
+whole, its last output is the next slot 0 and the masks' outputs the next first draft); a cut block's correction
+is fed, uncached, at the head of the next forward, `[correction, [M] x m]`; the prompt likewise. A one-token
+block needs no verification. So a fully accepted block costs one forward. `threshold` 0 (the default with
+verification) fills every slot from the first draft: no draft forward beyond the one shared with verification.
 
-Forwards per block of `K >= 2` slots, counting the forward that starts it (which verified the previous block):
-best 1, when every slot passes the threshold after that first forward and verification accepts them all;
-worst `K` (each forward decides only the left-most open slot; every slot is then greedy, so nothing is cut).
-A block commits at least 2 tokens (slot 0, then an accepted token or the correction). At `threshold = 1.0`
-nothing is filled early, drafting is greedy decoding and the cost is one forward per token, plus one to verify
-the last block. With `verify=False` a block costs the same draft forwards and is committed as drafted.
+**Many prompts at once.** Every forward feeds all active rows, each with its own positions: a row's main rows
+(committed or verified tokens) right-aligned in the first columns, its draft rows (masks, or decided slots) from
+the next column on, padding elsewhere. Each row advances by its own accepted length; the attention mask lets a
+query see its own row's columns up to its own position, so rejected drafts and padding are never seen and need
+no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching). With a
+draft-only LoRA the gate is one column for the whole batch: main rows before it, draft rows from it on.
+
+**Fixed shapes** (`compile=True`): every decode forward is `[batch, 2 max_k - 1]` over the whole cache, so
+`torch.compile` (CUDA graphs on a GPU) captures one step; the greedy choices, confidences and the K-head are
+computed on the device and copied to the host once per forward.
 
 Usage (token ids in, token ids out)::
 
-    model = FluidModel.load("runs/stage1", merge=True)
-    result = fluid_decode(model, prompt_ids, DecodeSettings(max_k=8, eos_token_ids=(tok.eos_token_id,)))
+    model = load_model("runs/stage1")
+    result = fluid_decode(model, prompt_ids, DecodeSettings(eos_token_ids=(tok.eos_token_id,)))
     result.tokens, result.stats.tokens_per_forward
+    results, batch = decode_batch(model, [ids_1, ids_2, ids_3], settings, batch_size=8)
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from fluid_cli.compat import cache_kwarg, cache_length, crop_cache
-from fluid_cli.config import KHeadConfig
+from fluid_cli.cache import RowCache
+from fluid_cli.compat import cache_kwarg
+from fluid_cli.config import HORIZONS
 from fluid_cli.errors import FluidError
+from fluid_cli.hf import context_length, text_config
 from fluid_cli.khead import horizon_from_curve, predict_horizon
-from fluid_cli.modeling import FluidModel
+from fluid_cli.model import FluidModel
+from fluid_cli.policy import (
+    Acceptance,
+    CostPolicy,
+    CostTable,
+    load_cached_costs,
+    save_cached_costs,
+)
 
-# "auto" is `khead` for a model whose head was calibrated, `fixed` otherwise.
-HORIZONS = ("auto", "khead", "fixed", "entropy")
-# The entropy policy's tau when neither the caller nor the model's calibration gives one (the paper's value).
-DEFAULT_TAU = KHeadConfig().tau
+DEFAULT_ENTROPY_TAU = 2.8  # the entropy policy's tau when none is given (nats, the paper's K-head tau)
+UNVERIFIED_THRESHOLD = 0.9  # without verification the threshold guards quality (METHOD 3.2)
+PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 BlockCallback = Callable[[list[int]], None]
+StopCallback = Callable[[list[int]], int | None]
 
 
 @dataclass
 class DecodeSettings:
-    horizon: str = "khead"  # "khead" | "fixed" | "entropy" | "auto"
-    tau: float | None = None  # None -> the model's calibrated tau (fluid.json khead.tau)
-    threshold: float = 0.9  # fill an open slot early when its top probability exceeds this (1.0: never)
+    # auto: cost with verification; without it khead when the head is calibrated, else entropy
+    horizon: str = "auto"
+    tau: float | None = None  # khead: the K* threshold (default: the calibrated tau); entropy: its threshold
+    threshold: float | None = None  # fill a draft slot early above this probability (None: 0 verified, 0.9 not)
     max_k: int | None = None  # None -> model K
     min_k: int = 1
     verify: bool = True
@@ -77,20 +94,27 @@ class DecodeSettings:
     eos_token_ids: tuple[int, ...] = ()
     # Given the generated ids, return how many to keep if a stop sequence just completed, else None. It must be a
     # pure function of the ids: drafted (not yet verified) tokens are checked with it to end a block early.
-    stop: Callable[[list[int]], int | None] | None = None
+    stop: StopCallback | None = None
+    compile: bool = False  # fixed-shape forwards through torch.compile (CUDA graphs on a GPU)
+    costs: CostTable | None = None  # the cost policy's forward costs (None: measured once, cached on disk)
 
 
 @dataclass
 class DecodeStats:
     new_tokens: int = 0
-    forwards: int = 0  # model calls, all kinds
-    verify_forwards: int = 0  # calls that check drafted tokens (and, in the same pass, draft the next block)
-    draft_forwards: int = 0  # other calls that feed mask slots (draft steps; caching a prompt or a correction)
+    forwards: int = 0  # forwards this generation took part in
+    verify_forwards: int = 0  # forwards that checked drafted tokens (and, in the same pass, drafted the next block)
+    draft_forwards: int = 0  # other forwards that fed mask rows (draft steps; caching a prompt or a correction)
     horizons: list[int] = field(default_factory=list)  # K_t per block
     accepted: list[int] = field(default_factory=list)  # tokens per block that verification accepted (slot 0 too)
     committed: list[int] = field(default_factory=list)  # tokens per block appended to the output
     wall_s: float = 0.0
     stop_reason: str = ""  # eos | stop | length (max_new_tokens) | context (the model's positions ran out)
+    policy: str = ""  # the horizon policy that ran
+    tau: float | None = None
+    tau_source: str = ""  # flag (the caller's), calibration (the K-head's), default, or none (not used)
+    threshold: float = 0.0
+    exact_to: str = ""  # with verification: base (the original model's greedy decoding) or adapted (these weights')
 
     @property
     def tokens_per_forward(self) -> float:
@@ -113,8 +137,7 @@ class DecodeStats:
         return sum(self.committed) / len(self.committed) if self.committed else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        derived = ("tokens_per_forward", "forwards_per_token", "tokens_per_s", "mean_horizon",
-                   "mean_committed")
+        derived = ("tokens_per_forward", "forwards_per_token", "tokens_per_s", "mean_horizon", "mean_committed")
         return {**asdict(self), **{name: getattr(self, name) for name in derived}}
 
 
@@ -124,168 +147,155 @@ class DecodeResult:
     stats: DecodeStats
 
 
-def fluid_decode(
-    model: FluidModel, prompt_ids: list[int], settings: DecodeSettings, on_block: BlockCallback | None = None
-) -> DecodeResult:
-    """Decode with elastic horizons; `on_block` receives each block's committed tokens as they are committed."""
-    plan = _plan(model, prompt_ids, settings)
-    stats = DecodeStats()
-    out = _Output(settings, plan.budget, plan.limit_reason)
-    run = _Runner(model, stats)
-    mask = model.mask_token_id
+@dataclass
+class BatchStats:
+    """One `decode_batch` call. Every forward is shared by the rows active in it: `row_forwards` (the sum of the
+    rows' own `forwards`) counts a forward once per row, `forwards` once."""
 
-    def commit(k: int, accepted: int, tokens: list[int]) -> None:
-        new = out.commit(tokens)
-        stats.horizons.append(k)
-        stats.accepted.append(accepted)
-        stats.committed.append(len(new))
-        if on_block is not None and new:
-            on_block(new)
+    forwards: int = 0  # model calls for decoding
+    probe_forwards: int = 0  # model calls that measured forward costs (not part of any generation)
+    row_forwards: int = 0
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    batch_size: int = 1
+    compiled: bool = False
 
-    uncached = list(prompt_ids)  # committed tokens whose KV is not cached yet
-    block: list[int] = []  # the drafted block awaiting verification (slot 0 is greedy already)
-    k, final = 0, False  # its horizon; whether it ends the generation if accepted
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while not out.done:
-            # One forward: cache `uncached`, verify `block`, draft the next block with every slot masked.
-            base = cache_length(run.cache)
-            feed = uncached + (block[:-1] if final else block)
-            cap = 0 if final else min(plan.max_k, out.remaining - len(block))  # the next block, if this one holds
-            kind = "verify" if block else "draft" if cap > 1 else "plain"
-            logits, hidden = run.forward(feed + [mask] * max(cap - 1, 0), keep=len(feed), kind=kind,
-                                         logits_from=len(uncached) - (0 if block else 1))
-            if block:  # row j predicts block[j + 1]; row len(block) - 1 is the next p0
-                greedy = logits[: len(block) - 1].argmax(-1).tolist()
-                n_ok = 1 + next((j for j, g in enumerate(greedy) if block[j + 1] != g), len(block) - 1)
-                if n_ok < len(block):  # cut: keep the accepted tokens' KV, commit the correction uncached
-                    crop_cache(run.cache, base + len(uncached) + n_ok)
-                    commit(k, n_ok, block[:n_ok] + [greedy[n_ok - 1]])
-                    uncached, block, final = [greedy[n_ok - 1]], [], False
-                    continue
-                commit(k, n_ok, block)
-                if out.done:
-                    break
-                logits, hidden = logits[len(block) - 1:], hidden[len(block) - 1:]
-            p0, h, preview = logits[0], hidden[0], logits[1:]  # preview: the first draft of slots 1..cap-1
-            uncached, block = [], []
-            cap = min(plan.max_k, out.remaining)
-            k = _horizon(model, plan, h, p0, preview, cap)
-            block = _draft(run, mask, k, p0, preview, settings.threshold)
-            length, final = out.end_in(block)
-            block = block[:length]
-            if len(block) == 1 or not settings.verify:  # commit as drafted; the next forward caches it
-                commit(k, len(block), block)
-                uncached, block, final = block, [], False
-    return _finish(out, stats, start)
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.forwards if self.forwards else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "tokens_per_forward": self.tokens_per_forward}
 
 
-def ar_decode(
-    model: FluidModel, prompt_ids: list[int], settings: DecodeSettings, on_block: BlockCallback | None = None
-) -> DecodeResult:
-    """Plain greedy decoding with a KV cache, one token per forward: the reference, with the same statistics."""
-    budget, limit_reason = generation_budget(model, prompt_ids, settings)
-    stats = DecodeStats()
-    out = _Output(settings, budget, limit_reason)
-    run = _Runner(model, stats)
-    pending = list(prompt_ids)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while not out.done:
-            logits, _ = run.forward(pending, keep=len(pending), logits_from=len(pending) - 1, kind="plain")
-            pending = [int(logits[-1].argmax())]
-            new = out.commit(pending)
-            stats.horizons.append(1)
-            stats.accepted.append(1)
-            stats.committed.append(len(new))
-            if on_block is not None and new:
-                on_block(new)
-    return _finish(out, stats, start)
+@dataclass
+class Request:
+    """One prompt of a batch, with its own limit and stop rule (None: the settings')."""
+
+    prompt: list[int]
+    max_new_tokens: int | None = None
+    stop: StopCallback | None = None
 
 
-# --------------------------------------------------------------------------------------------- the steps
+# --------------------------------------------------------------------------------------------- entry points
 
 
-def _horizon(model: FluidModel, plan: _Plan, h: torch.Tensor, p0: torch.Tensor, preview: torch.Tensor, cap: int
-             ) -> int:
-    if plan.horizon == "fixed" or cap == 1:
-        k = cap
-    elif plan.horizon == "khead":
-        k = int(predict_horizon(model.khead(h), objective=plan.objective, tau=plan.tau, min_k=plan.min_k,
-                                max_k=plan.max_k))
-    else:  # entropy of the predictions for slots 0..cap-1 (p0, then the first draft forward's outputs)
-        logp = torch.log_softmax(torch.cat([p0[None], preview]), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        k = int(horizon_from_curve(entropy, plan.tau))
-    return min(max(k, plan.min_k), cap)
+def fluid_decode(model: FluidModel, prompt_ids: list[int], settings: DecodeSettings,
+                 on_block: BlockCallback | None = None) -> DecodeResult:
+    """Decode one prompt with elastic horizons; `on_block` receives each block's tokens as they are committed."""
+    return Decoder(model, settings).decode(prompt_ids, on_block)
 
 
-def _draft(run: _Runner, mask: int, k: int, p0: torch.Tensor, preview: torch.Tensor, threshold: float
-           ) -> list[int]:
-    """Fill a block of `k` slots (METHOD 3.2). `preview` is the first draft forward's output (every slot masked):
-    its row `j` predicts slot `j+1`, and slot 0, the left-most, takes `argmax p0`."""
-    slots: list[int | None] = [int(p0.argmax())] + [None] * (k - 1)
-    _fill(slots, preview[: k - 1], threshold, leftmost=False)
-    while None in slots:
-        last = max(j for j, s in enumerate(slots) if s is None)
-        logits, _ = run.forward([mask if s is None else s for s in slots[:last]], keep=0, kind="draft")
-        _fill(slots, logits, threshold, leftmost=True)
-    return slots  # type: ignore[return-value]
+def ar_decode(model: FluidModel, prompt_ids: list[int], settings: DecodeSettings,
+              on_block: BlockCallback | None = None) -> DecodeResult:
+    """Plain greedy decoding, one token per forward, through the same loop: the reference, with the same stats."""
+    return Decoder(model, ar_settings(settings)).decode(prompt_ids, on_block)
 
 
-def _fill(slots: list[int | None], logits: torch.Tensor, threshold: float, leftmost: bool) -> None:
-    """Row `j` of `logits` predicts slot `j+1`: the left-most open slot takes its argmax (when `leftmost`), every
-    later open slot takes its argmax when its top probability exceeds `threshold`."""
-    conf, arg = torch.softmax(logits, dim=-1).max(-1)
-    first_open = True
-    for j, (c, a) in enumerate(zip(conf.tolist(), arg.tolist()), start=1):
-        if slots[j] is not None:
-            continue
-        if (leftmost and first_open) or c > threshold:
-            slots[j] = a
-        first_open = False
+def decode_batch(model: FluidModel, requests: list[list[int] | Request], settings: DecodeSettings, *,
+                 batch_size: int = 8, on_block: Callable[[int, list[int]], None] | None = None
+                 ) -> tuple[list[DecodeResult], BatchStats]:
+    """Decode many prompts, `batch_size` at a time (a finished row takes the next waiting prompt). Results are in
+    the order of `requests`; each equals that prompt's own batch-1 decoding. `on_block(i, tokens)` streams."""
+    return Decoder(model, settings, batch_size=batch_size).run(requests, on_block)
 
 
-# --------------------------------------------------------------------------------------------- plumbing
+def ar_settings(settings: DecodeSettings) -> DecodeSettings:
+    """The settings of plain greedy decoding: one-token blocks, no drafts."""
+    return replace(settings, horizon="fixed", max_k=1, min_k=1, tau=None, threshold=None)
 
 
-class _Runner:
-    """The model and its KV cache: runs one forward after the cached prefix, crops the cache, counts forwards."""
+# --------------------------------------------------------------------------------------------- the plan
 
-    def __init__(self, model: FluidModel, stats: DecodeStats):
-        self.model, self.stats = model, stats
-        self.cache = DynamicCache(config=model.lm.config)
-        self.cache_key = cache_kwarg(model.lm.get_decoder())
-        self.device = next(model.lm.parameters()).device
 
-    def forward(self, ids: list[int], *, keep: int, kind: str, logits_from: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed `ids` at the positions after the cache and keep the first `keep` of them cached.
+@dataclass
+class Plan:
+    """The settings checked against the model, with the defaults they leave to it resolved."""
 
-        Returns float32 logits and the last hidden states from input `logits_from` on (a prompt's other positions
-        need no logits, which for a large vocabulary would be most of the work)."""
-        start = cache_length(self.cache)
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        out = self.model.hidden_states(input_ids=input_ids, position_ids=positions, use_cache=True,
-                                       **{self.cache_key: self.cache})
-        crop_cache(self.cache, start + keep)
-        self.stats.forwards += 1
-        if kind == "verify":
-            self.stats.verify_forwards += 1
-        elif kind == "draft":
-            self.stats.draft_forwards += 1
-        hidden = out.last_hidden_state[0, logits_from:]
-        return self.model.logits(hidden).float(), hidden
+    policy: str
+    tau: float | None
+    tau_source: str
+    threshold: float
+    max_k: int
+    min_k: int
+    objective: str
+
+
+def resolve_plan(model: FluidModel, s: DecodeSettings) -> Plan:
+    """Check `s` against the model and resolve its defaults (one-line errors for what cannot work)."""
+    if s.horizon not in HORIZONS:
+        raise FluidError(f"horizon = {s.horizon!r}: expected one of {', '.join(HORIZONS)}")
+    head = model.meta.khead
+    policy = s.horizon
+    if policy == "auto":
+        policy = "cost" if s.verify else "khead" if head.calibrated else "entropy"
+    max_k = model.max_k if s.max_k is None else s.max_k
+    if not 1 <= max_k <= model.max_k:
+        raise FluidError(f"max_k = {max_k}: must be between 1 and the model's K = {model.max_k} "
+                         "(the K-head and the training blocks stop there)")
+    if not 1 <= s.min_k <= max_k:
+        raise FluidError(f"min_k = {s.min_k}: must be between 1 and max_k = {max_k}")
+    threshold = s.threshold if s.threshold is not None else (0.0 if s.verify else UNVERIFIED_THRESHOLD)
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise FluidError(f"threshold = {threshold}: must be a probability between 0 and 1")
+    if s.tau is not None and not 0 < s.tau < math.inf:
+        raise FluidError(f"tau = {s.tau}: must be a positive number of nats (e.g. 2.8)")
+    if policy == "cost" and not s.verify:
+        raise FluidError("horizon = cost: the cost-aware rule learns from verified drafts; with --no-verify choose "
+                         "--horizon khead, entropy or fixed")
+    tau, source = s.tau, "flag" if s.tau is not None else "none"
+    if policy in ("cost", "fixed") and s.tau is not None and max_k > 1:
+        raise FluidError(f"tau = {s.tau}: --horizon {policy} does not use tau (it applies to --horizon khead and "
+                         "entropy; the cost rule picks horizons from draft confidences and measured forward costs)")
+    if policy == "khead":
+        if not head.calibrated:
+            raise FluidError("horizon = khead: the model's K-head is not calibrated (run `fluid calibrate-khead`), "
+                             "or choose --horizon cost / fixed / entropy")
+        if head.objective == "gaussian":
+            if s.tau is not None and head.tau is not None and abs(s.tau - head.tau) > 1e-9:
+                raise FluidError(
+                    f"tau = {s.tau:g}: the K-head is a Gaussian classifier calibrated at tau = {head.tau:g}, whose "
+                    "horizons do not depend on a tau given now; recalibrate at that tau, or with "
+                    "`--set khead.objective=loss-curve` for a tau chosen at generate time")
+            tau, source = head.tau, "calibration"
+        elif s.tau is None:
+            if head.tau is None:
+                raise FluidError("the model's K-head predicts loss curves and has no calibrated tau: pass --tau")
+            tau, source = head.tau, "calibration"
+    if policy == "entropy" and s.tau is None:
+        tau, source = DEFAULT_ENTROPY_TAU, "default"
+    return Plan(policy, tau, source, threshold, max_k, s.min_k, head.objective)
+
+
+def generation_budget(model: FluidModel, prompt_ids: list[int], max_new_tokens: int) -> tuple[int, str]:
+    """How many tokens may be generated (`max_new_tokens`, cut at the end of the model's context) and why."""
+    if not prompt_ids:
+        raise FluidError("empty prompt: decoding needs at least one prompt token to condition on")
+    if max_new_tokens < 0:
+        raise FluidError(f"max_new_tokens = {max_new_tokens}: must be 0 or more")
+    context = context_length(model.lm.config)
+    if context is not None and len(prompt_ids) >= context:
+        raise FluidError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of {context} "
+                         "positions (max_position_embeddings): shorten it")
+    if context is not None and len(prompt_ids) + max_new_tokens > context:
+        return context - len(prompt_ids), "context"
+    return max_new_tokens, "length"
+
+
+# --------------------------------------------------------------------------------------------- one generation
 
 
 class _Output:
     """The generated ids and the stopping rules: EOS, the stop callback, the token budget."""
 
-    def __init__(self, settings: DecodeSettings, budget: int, limit_reason: str):
+    def __init__(self, eos: tuple[int, ...], stop: StopCallback | None, budget: int, limit_reason: str):
         self.ids: list[int] = []
-        self.eos = set(settings.eos_token_ids)
-        self.stop = settings.stop
+        self.eos = set(eos)
+        self.stop = stop
         self.budget, self.limit_reason = budget, limit_reason
         self.reason: str | None = None if budget > 0 else limit_reason
 
@@ -330,60 +340,425 @@ class _Output:
 
 
 @dataclass
-class _Plan:
-    horizon: str
-    tau: float | None
-    objective: str
-    max_k: int
-    min_k: int
-    budget: int
-    limit_reason: str
+class _Feed:
+    """What one row feeds to a forward: main rows (cached from `start` on) and draft rows after them."""
+
+    main: list[int]
+    draft: list[int]
+    start: int
+    verify: bool  # the main rows are a block under verification: every one needs its greedy choice
+    head: bool  # the K-head reads the last main row's hidden state
 
 
-def generation_budget(model: FluidModel, prompt_ids: list[int], settings: DecodeSettings) -> tuple[int, str]:
-    """How many tokens may be generated (`max_new_tokens`, cut at the end of the model's context) and why."""
-    if not prompt_ids:
-        raise FluidError("empty prompt: decoding needs at least one prompt token to condition on")
-    if settings.max_new_tokens < 0:
-        raise FluidError(f"max_new_tokens = {settings.max_new_tokens}: must be 0 or more")
-    config = model.lm.config
-    context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                      "max_position_embeddings", None)
-    if context is not None and len(prompt_ids) >= context:
-        raise FluidError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context of {context} "
-                         "positions (max_position_embeddings): shorten it")
-    if context is not None and len(prompt_ids) + settings.max_new_tokens > context:
-        return context - len(prompt_ids), "context"
-    return settings.max_new_tokens, "length"
+@dataclass
+class _Out:
+    """A row's share of a forward's outputs."""
+
+    main_ids: list[int]  # greedy choices of the main rows that were asked for (all, or the last one)
+    draft_ids: list[int]
+    draft_conf: list[float]
+    draft_entropy: list[float]
+    main_entropy: float
+    head: list[float]
 
 
-def _plan(model: FluidModel, prompt_ids: list[int], s: DecodeSettings) -> _Plan:
-    """Check the settings against the model and resolve the defaults they leave to it."""
-    budget, limit_reason = generation_budget(model, prompt_ids, s)
-    if s.horizon not in HORIZONS:
-        raise FluidError(f"horizon = {s.horizon!r}: expected one of {', '.join(HORIZONS)}")
-    horizon = s.horizon
-    if horizon == "auto":
-        horizon = "khead" if model.meta.khead.get("calibrated") else "fixed"
-    max_k = model.max_k if s.max_k is None else s.max_k
-    if not 1 <= max_k <= model.max_k:
-        raise FluidError(f"max_k = {max_k}: must be between 1 and the model's K = {model.max_k} "
-                         "(the K-head and the training blocks stop there)")
-    if not 1 <= s.min_k <= max_k:
-        raise FluidError(f"min_k = {s.min_k}: must be between 1 and max_k = {max_k}")
-    if not 0.0 <= s.threshold <= 1.0:
-        raise FluidError(f"threshold = {s.threshold}: must be a probability between 0 and 1")
-    objective = model.meta.khead.get("objective", "gaussian")
-    tau = s.tau if s.tau is not None else model.meta.khead.get("tau")
-    if horizon == "entropy" and tau is None:
-        tau = DEFAULT_TAU
-    if horizon == "khead" and objective == "loss-curve" and tau is None:
-        raise FluidError("the model's K-head predicts loss curves and has no calibrated tau: pass --tau")
-    return _Plan(horizon, tau, objective, max_k, s.min_k, budget, limit_reason)
+class _Row:
+    """One generation: the state machine of the module docstring, on the host."""
+
+    def __init__(self, index: int, request: Request, budget: tuple[int, str], decoder: Decoder,
+                 on_block: BlockCallback | None):
+        self.index, self.decoder, self.plan = index, decoder, decoder.plan
+        s = decoder.settings
+        self.out = _Output(s.eos_token_ids, request.stop if request.stop is not None else s.stop, *budget)
+        self.stats = DecodeStats(policy=self.plan.policy, tau=self.plan.tau, tau_source=self.plan.tau_source,
+                                 threshold=self.plan.threshold, exact_to=decoder.model.meta.exact_to)
+        self.on_block = on_block
+        self.mask = decoder.model.mask_token_id
+        self.length = 0  # cached tokens: positions 0..length-1 of this row's cache
+        self.pending = list(request.prompt)  # committed, not cached yet
+        self.block: list[int] = []  # drafted, awaiting verification (slot 0 is greedy already)
+        self.slots: list[int | None] | None = None  # a block still being drafted
+        self.confidence: list[float] = []  # the first draft's confidence in slots 1..k-1 of the current block
+        self.k, self.final = 0, False  # the block's horizon; whether it ends the generation if accepted
+        self.masks = 0  # mask rows in the current feed
+        self.cost = CostPolicy(self.plan.max_k, decoder.costs, decoder.session) if self.plan.policy == "cost" else None
+        self.started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.out.done
+
+    def result(self) -> DecodeResult:
+        self.stats.wall_s = time.perf_counter() - self.started
+        self.stats.new_tokens = len(self.out.ids)
+        self.stats.stop_reason = self.out.reason or ""
+        return DecodeResult(self.out.ids, self.stats)
+
+    # -- what the next forward feeds --------------------------------------------------------------------------
+    def feed(self) -> _Feed:
+        if self.slots is not None:  # one more draft forward for the block being drafted
+            last = max(j for j, s in enumerate(self.slots) if s is None)
+            self.masks = 0
+            return _Feed([], [self.mask if s is None else s for s in self.slots[:last]], self.length, False, False)
+        main = self.block[:-1] if self.final else self.block or self.pending
+        if self.final:
+            self.masks = 0
+        else:
+            cap = min(self.plan.max_k, self.out.remaining - len(self.block))
+            self.masks = self.cost.masks(cap) if self.cost is not None else max(cap - 1, 0)
+            self.masks = max(self.masks, min(self.plan.min_k, cap) - 1)
+        head = self.plan.policy == "khead" and not self.final
+        return _Feed(main, [self.mask] * self.masks, self.length, bool(self.block), head)
+
+    # -- what the forward said --------------------------------------------------------------------------------
+    def absorb(self, out: _Out) -> None:
+        self.stats.forwards += 1
+        if self.slots is not None:
+            self.stats.draft_forwards += 1
+            self._refill(out)
+            return
+        if self.block:
+            self.stats.verify_forwards += 1
+            if not self._verify(out.main_ids):
+                return
+        else:
+            if self.masks:
+                self.stats.draft_forwards += 1
+            self.length += len(self.pending)
+            self.pending = []
+        self._start_block(out)
+
+    def _verify(self, greedy: list[int]) -> bool:
+        """Check the block against the greedy choices; True if it was accepted whole and decoding goes on."""
+        block = self.block
+        n_ok = 1 + next((j for j, g in enumerate(greedy[: len(block) - 1]) if block[j + 1] != g), len(block) - 1)
+        if self.cost is not None:
+            self.cost.record(self.confidence[: len(block) - 1], n_ok)
+        self.block = []
+        if n_ok < len(block):  # cut: keep the accepted tokens' KV, commit the correction uncached
+            self.length += n_ok
+            correction = greedy[n_ok - 1]
+            self._commit(block[:n_ok] + [correction], n_ok)
+            self.pending, self.final = [correction], False
+            return False
+        self.length += len(block) - 1 if self.final else len(block)
+        self._commit(block, n_ok)
+        return not self.out.done
+
+    def _start_block(self, out: _Out) -> None:
+        p0 = out.main_ids[-1]
+        cap = min(self.plan.max_k, self.out.remaining, self.masks + 1)
+        k = self._horizon(out, cap)
+        self.k = k
+        self.confidence = out.draft_conf[: k - 1]
+        slots: list[int | None] = [p0] + [None] * (k - 1)
+        _fill(slots, out.draft_ids[: k - 1], out.draft_conf[: k - 1], self.plan.threshold, leftmost=False)
+        if None in slots:
+            self.slots = slots
+        else:
+            self._finish_block(slots)  # type: ignore[arg-type]
+
+    def _horizon(self, out: _Out, cap: int) -> int:
+        plan = self.plan
+        if cap <= 1:
+            return 1
+        if plan.policy == "cost":
+            k = self.cost.horizon(out.draft_conf[: cap - 1], cap)
+        elif plan.policy == "khead":
+            k = int(predict_horizon(torch.tensor(out.head), objective=plan.objective, tau=plan.tau))
+        elif plan.policy == "entropy":  # entropy of the predictions for slots 0..cap-1
+            k = int(horizon_from_curve(torch.tensor([out.main_entropy, *out.draft_entropy[: cap - 1]]), plan.tau))
+        else:
+            k = cap
+        return min(max(k, plan.min_k), cap)
+
+    def _refill(self, out: _Out) -> None:
+        slots = self.slots
+        early = _fill(slots, out.draft_ids, out.draft_conf, self.plan.threshold, leftmost=True)
+        if early is not None:  # the draft, now sure of everything before it, disagrees with an early fill
+            slots = slots[: early + 1]
+        if None not in slots:
+            self.slots = None
+            self._finish_block(slots)  # type: ignore[arg-type]
+        else:
+            self.slots = slots
+
+    def _finish_block(self, block: list[int]) -> None:
+        length, final = self.out.end_in(block)
+        block = block[:length]
+        if len(block) == 1 or not self.decoder.settings.verify:  # commit as drafted; the next forward caches it
+            self._commit(block, len(block))
+            self.pending, self.final = block, False
+        else:
+            self.block, self.final = block, final
+
+    def _commit(self, tokens: list[int], accepted: int) -> None:
+        new = self.out.commit(tokens)
+        self.stats.horizons.append(self.k)
+        self.stats.accepted.append(accepted)
+        self.stats.committed.append(len(new))
+        if self.on_block is not None and new:
+            self.on_block(new)
 
 
-def _finish(out: _Output, stats: DecodeStats, start: float) -> DecodeResult:
-    stats.wall_s = time.perf_counter() - start
-    stats.new_tokens = len(out.ids)
-    stats.stop_reason = out.reason or ""
-    return DecodeResult(out.ids, stats)
+def _fill(slots: list[int | None], ids: list[int], conf: list[float], threshold: float, leftmost: bool
+          ) -> int | None:
+    """Output `j` (`ids`, `conf`) predicts slot `j+1`: the left-most open slot takes its argmax (when `leftmost`),
+    every later open slot takes its argmax when its top probability exceeds `threshold`.
+
+    A filled slot whose every earlier slot was already decided, and for which the new prediction differs, is
+    replaced by the prediction and returned (the block should end there); None otherwise."""
+    first_open = True
+    decided = True  # every slot before the current one held a token when this forward was fed
+    for j, (c, a) in enumerate(zip(conf, ids), start=1):
+        if j >= len(slots):
+            break
+        if slots[j] is not None:
+            if leftmost and decided and slots[j] != a:
+                slots[j] = a
+                return j
+            continue
+        decided = False
+        if (leftmost and first_open) or c > threshold:
+            slots[j] = a
+        first_open = False
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the engine
+
+
+class Decoder:
+    """A model ready to decode with fixed settings: the resolved plan, the forward costs and the acceptance
+    statistics shared by its generations (the lm-eval adapter keeps one for a whole evaluation)."""
+
+    def __init__(self, model: FluidModel, settings: DecodeSettings, *, batch_size: int = 1):
+        if batch_size < 1:
+            raise FluidError(f"batch size {batch_size}: must be at least 1")
+        self.model, self.settings, self.batch_size = model, settings, batch_size
+        self.plan = resolve_plan(model, settings)
+        self.session = Acceptance.empty(self.plan.max_k)
+        self.costs: CostTable | None = settings.costs
+        self.probe_forwards = 0
+        self.cache_key = cache_kwarg(model.lm.get_decoder())
+        self.device = model.device
+        self.suppress_main = model.meta.lora_scope == "draft"  # the base model never emits the mask token
+        self.width = 2 * self.plan.max_k - 1  # the widest decode feed: a block of K and K - 1 masks
+        self._compiled: Any = None
+        self._cache: RowCache | None = None
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def decode(self, prompt_ids: list[int], on_block: BlockCallback | None = None) -> DecodeResult:
+        results, _ = self.run([prompt_ids], None if on_block is None else lambda _, tokens: on_block(tokens))
+        return results[0]
+
+    def run(self, requests: list[list[int] | Request], on_block: Callable[[int, list[int]], None] | None = None,
+            on_done: Callable[[int, DecodeResult], None] | None = None) -> tuple[list[DecodeResult], BatchStats]:
+        """Decode `requests`, `batch_size` at a time; `on_block(i, tokens)` streams request `i`'s committed blocks,
+        `on_done(i, result)` reports it finished. Results come back in the order of `requests`."""
+        reqs = [r if isinstance(r, Request) else Request(list(r)) for r in requests]
+        budgets = [generation_budget(self.model, r.prompt,
+                                     self.settings.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens)
+                   for r in reqs]
+        batch = BatchStats(batch_size=min(self.batch_size, len(reqs)) if reqs else 0, compiled=self.settings.compile)
+        results: list[DecodeResult | None] = [None] * len(reqs)
+        if not reqs:
+            return [], batch
+        started = time.perf_counter()
+        max_len = max(len(r.prompt) + b for r, (b, _) in zip(reqs, budgets)) + self.width + 1
+        with torch.inference_mode():
+            if self.plan.policy == "cost" and self.costs is None:
+                self.costs = self._probe_costs(reqs[0].prompt, batch)
+            cache = RowCache(text_config(self.model.lm.config).num_hidden_layers, max_len, self.device)
+            waiting = deque(range(len(reqs)))
+            rows: list[_Row | None] = [None] * batch.batch_size
+
+            def admit(b: int) -> None:
+                while waiting:
+                    i = waiting.popleft()
+                    row = _Row(i, reqs[i], budgets[i], self,
+                               None if on_block is None else lambda tokens, i=i: on_block(i, tokens))
+                    if not row.done:
+                        rows[b] = row
+                        return
+                    finish(row)  # nothing to generate (max_new_tokens = 0)
+                rows[b] = None
+
+            def finish(row: _Row) -> None:
+                results[row.index] = row.result()
+                if on_done is not None:
+                    on_done(row.index, results[row.index])
+
+            for b in range(len(rows)):
+                admit(b)
+            while any(rows):
+                feeds = [row.feed() if row is not None else None for row in rows]
+                outs = self._outputs(*self._step(cache, feeds), feeds)
+                batch.forwards += 1
+                for b, (row, out) in enumerate(zip(rows, outs)):
+                    if row is None:
+                        continue
+                    row.absorb(out)
+                    if row.done:
+                        finish(row)
+                        admit(b)
+        batch.wall_s = time.perf_counter() - started
+        done = [r for r in results if r is not None]
+        batch.new_tokens = sum(r.stats.new_tokens for r in done)
+        batch.row_forwards = sum(r.stats.forwards for r in done)
+        return done, batch
+
+    # -- one forward ------------------------------------------------------------------------------------------------
+    def _step(self, cache: RowCache, feeds: list[_Feed | None]) -> tuple[torch.Tensor, int]:
+        """One forward over every row's feed (`None`: an idle row): the last hidden states `[batch, q, hidden]` and
+        the first draft column (each row's main rows end there)."""
+        active = [f for f in feeds if f is not None]
+        wm = max(len(f.main) for f in active)
+        wd = max(len(f.draft) for f in active)
+        fixed = self.settings.compile and wm + wd <= self.width
+        if fixed:
+            wm, wd = self.plan.max_k, self.plan.max_k - 1
+        q = wm + wd
+        ids = [[0] * q for _ in feeds]
+        pos = [[0] * q for _ in feeds]
+        real = [[0] * q for _ in feeds]
+        kv_len = 1
+        for b, f in enumerate(feeds):
+            if f is None:
+                continue
+            m, d = len(f.main), len(f.draft)
+            ids[b][wm - m: wm + d] = f.main + f.draft
+            pos[b][wm - m: wm + d] = range(f.start, f.start + m + d)
+            real[b][wm - m: wm + d] = [1] * (m + d)
+            kv_len = max(kv_len, f.start + m + d)
+        packed = torch.tensor([ids, pos, real], dtype=torch.long).to(self.device, non_blocking=True)
+        self._cache = cache  # the forward reads it from here (a compiled forward takes tensors and numbers only)
+        cache.slots.kv_len = cache.slots.max_len if fixed else kv_len
+        forward = self._compiled_forward() if fixed else self._forward
+        return forward(packed, wm if wd else None), wm
+
+    def _forward(self, packed: torch.Tensor, draft_from: int | None) -> torch.Tensor:
+        """The model on `[batch, q]` rows (`packed` = ids, positions, real): the last hidden states."""
+        ids, pos, real = packed[0], packed[1], packed[2].bool()
+        cache = self._cache
+        slots = cache.slots
+        slots.write = torch.where(real, pos, slots.max_len - 1)  # padding writes the column no query reaches
+        cols = torch.arange(slots.kv_len, device=ids.device)
+        allowed = (cols <= pos[..., None]) & real[..., None]
+        allowed |= ~real[..., None] & (cols == 0)  # padding reads one column, so its softmax stays finite
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self.model.hidden_states(input_ids=ids, position_ids=pos, attention_mask=mask[:, None],
+                                       use_cache=True, draft_from=draft_from, **{self.cache_key: cache})
+        return out.last_hidden_state
+
+    def _compiled_forward(self) -> Any:
+        if self._compiled is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(self._forward, mode=mode, dynamic=False,
+                                           backend=os.environ.get("FLUID_COMPILE_BACKEND", "inductor"))
+        return self._compiled
+
+    def _outputs(self, hidden: torch.Tensor, wm: int, feeds: list[_Feed | None]) -> list[_Out | None]:
+        """Greedy choices, confidences (and entropies, K-head outputs where a policy needs them) of the rows the
+        feeds ask for, computed on the device and copied to the host in one transfer."""
+        sel_b, sel_q, head_b, head_q, spans = [], [], [], [], []
+        for b, f in enumerate(feeds):
+            if f is None:
+                spans.append(None)
+                continue
+            m, d = len(f.main), len(f.draft)
+            first = wm - m if f.verify else wm - 1 if m else wm
+            n_main = wm - first
+            cols = list(range(first, wm + d))
+            spans.append((len(sel_b), n_main, d))
+            sel_b += [b] * len(cols)
+            sel_q += cols
+            if f.head:
+                head_b.append(b)
+                head_q.append(wm - 1)
+        device = hidden.device
+        index = torch.tensor([sel_b, sel_q], device=device)
+        logits = self.model.logits(hidden[index[0], index[1]]).float()
+        mask_id = self.model.mask_token_id
+        n_draft = sum(span[2] for span in spans if span is not None)
+        if self.suppress_main:
+            logits[:, mask_id] = -math.inf
+        elif n_draft:  # drafting the mask token itself is never right
+            logits[:, mask_id] = torch.where(index[1] >= wm, -math.inf, logits[:, mask_id])
+        want_entropy = self.plan.policy == "entropy"
+        if n_draft or want_entropy:
+            logp = torch.log_softmax(logits, dim=-1)
+            top, ids = logp.max(-1)
+            parts = [ids.double(), top.exp().double()]
+        else:  # plain steps and verification need the greedy choices only
+            ids = logits.argmax(-1)
+            parts = [ids.double(), torch.zeros_like(ids, dtype=torch.float64)]
+        if want_entropy:
+            parts.append(-(logp.exp() * logp).sum(-1).double())
+        if head_b:
+            heads = self.model.khead(hidden[torch.tensor(head_b, device=device), torch.tensor(head_q, device=device)])
+            parts.append(heads.double().flatten())
+        flat = torch.cat(parts).tolist()  # the one device-to-host synchronisation of the step
+        n = len(sel_b)
+        out_ids, out_conf = flat[:n], flat[n: 2 * n]
+        entropy = flat[2 * n: 3 * n] if want_entropy else [0.0] * n
+        head_vals = flat[(3 if want_entropy else 2) * n:]
+        k = self.model.max_k
+        outs: list[_Out | None] = []
+        h = 0
+        for b, (f, span) in enumerate(zip(feeds, spans)):
+            if span is None:
+                outs.append(None)
+                continue
+            start, n_main, d = span
+            main = [int(x) for x in out_ids[start: start + n_main]]
+            draft = slice(start + n_main, start + n_main + d)
+            head: list[float] = []
+            if f.head:
+                head = head_vals[h * k: (h + 1) * k]
+                h += 1
+            outs.append(_Out(main, [int(x) for x in out_ids[draft]], out_conf[draft], entropy[draft],
+                             entropy[start + n_main - 1] if n_main else 0.0, head))
+        return outs
+
+    # -- forward costs ----------------------------------------------------------------------------------------------
+    def _probe_costs(self, prompt: list[int], batch: BatchStats) -> CostTable:
+        """Time decode forwards of 1..2K-1 rows per batch row after a prefix (cached per model, device, dtype,
+        batch size and thread count); the probe's forwards are counted apart from the generations'."""
+        model, n = self.model, min(self.batch_size, 64)
+        config = model.lm.config.to_dict()
+        key = {"model": {k: config.get(k) for k in sorted(config) if not k.startswith(("_", "transformers"))},
+               "gated": model.gate is not None, "device": str(self.device),
+               "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+               "dtype": str(model.dtype), "threads": torch.get_num_threads(), "batch": n, "rows": self.width,
+               "compile": self.settings.compile}
+        cached = load_cached_costs(key)
+        if cached is not None:
+            return cached
+        sizes = [q for q in PROBE_ROWS if q < self.width] + [self.width]
+        prefix = (prompt * (64 // len(prompt) + 1))[:64]
+        context = context_length(model.lm.config)
+        if context is not None:
+            prefix = prefix[: max(1, context - self.width - 2)]
+        cache = RowCache(text_config(model.lm.config).num_hidden_layers, len(prefix) + self.width + 1, self.device)
+        self._step(cache, [_Feed(prefix, [], 0, False, False)] * n)
+        times = {}
+        for q in sizes:
+            main = (q + 1) // 2
+            feed = _Feed(prefix[-main:], [model.mask_token_id] * (q - main), len(prefix) - main, True, False)
+            samples = []
+            for _ in range(4):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                feeds = [feed] * n
+                self._outputs(*self._step(cache, feeds), feeds)  # with its outputs: the full cost of a step
+                samples.append(time.perf_counter() - t0)
+            times[q] = sorted(samples)[1]  # the second fastest of four: robust to one slow outlier
+        self.probe_forwards += 1 + 4 * len(sizes)
+        batch.probe_forwards += 1 + 4 * len(sizes)
+        table = CostTable(times)
+        save_cached_costs(key, table)
+        return table

@@ -89,12 +89,12 @@ def prompt_of(row: dict[str, str]) -> str:
 def tau_sweep(model: Any, gen: Any, rows: list[dict[str, str]]) -> list[dict[str, float]]:
     """Tokens per forward against decode-time tau (the loss-curve K-head chooses the horizon for any tau)."""
     from fluid_cli.decode import fluid_decode
-    from fluid_cli.generate import decode_settings
+    from fluid_cli.inference import decode_settings
 
     prompts = [model.tokenizer(prompt_of(r))["input_ids"] for r in rows]
     points = []
     for tau in TAUS:
-        settings = decode_settings(replace(gen, tau=tau), model)
+        settings = decode_settings(replace(gen, horizon="khead", tau=tau), model)
         tokens = forwards = 0
         for ids in prompts:
             stats = fluid_decode(model, ids, settings).stats
@@ -106,7 +106,7 @@ def tau_sweep(model: Any, gen: Any, rows: list[dict[str, str]]) -> list[dict[str
 def horizon_trace(model: Any, gen: Any, row: dict[str, str]) -> dict[str, Any]:
     """One generated answer with the horizon chosen and the tokens committed at every block."""
     from fluid_cli.decode import fluid_decode
-    from fluid_cli.generate import decode_settings
+    from fluid_cli.inference import decode_settings
 
     ids = model.tokenizer(prompt_of(row))["input_ids"]
     blocks: list[list[int]] = []
@@ -206,6 +206,7 @@ def report_markdown(s: dict[str, Any], trace: dict[str, Any], sweep: list[dict[s
 def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: list[str] | None = None,
         console: Console | None = None) -> dict[str, Any]:
     from fluid_cli import calibrate, data, evaluate, generate, train
+    from fluid_cli.inference import generate_config, load_decoding_model
 
     import torch
 
@@ -236,8 +237,8 @@ def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: li
     results = evaluate.run(cfg)
     timings["report"] = time.perf_counter()
 
-    gen = generate.generate_config(cfg)
-    model = generate.load_model(gen)
+    gen = generate_config(cfg)
+    model = load_decoding_model(gen)
     trace = horizon_trace(model, gen, heldout[0])
     sweep = tau_sweep(model, gen, heldout[: 4 if fast else 12])
     plot(trace, sweep, out / "fluid-demo.png")

@@ -33,18 +33,18 @@ import lm_eval.tasks
 import yaml
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import Entry, Kind, TaskIndex
-from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import handle_non_serializable
 from rich.console import Console
 from rich.table import Table
 
 import fluid_cli.tasks
+from fluid_cli.compat import lm_eval_task_index
 from fluid_cli.config import EvalConfig, Recipe
 from fluid_cli.errors import FluidError
 from fluid_cli.io import write_json_atomic, write_text_atomic
 from fluid_cli.lm_eval_adapter import FluidLM
 
+Entry, Kind, TaskIndex, load_yaml = lm_eval_task_index()
 LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).parent
 PACKAGE_TASKS = Path(fluid_cli.tasks.__file__).parent
 
@@ -234,17 +234,22 @@ def run(cfg: Recipe) -> dict[str, Any]:
         lm = FluidLM(
             ev.model_dir or cfg.train.output_dir, decoder="ar" if ev.decoder == "ar" else "fluid",
             horizon=gen.horizon, tau=gen.tau, threshold=gen.threshold, max_k=gen.max_k, min_k=gen.min_k,
-            verify=gen.verify, batch_size=ev.batch_size, device=None if ev.device == "auto" else ev.device,
-            dtype=ev.dtype,
+            verify=gen.verify, compile=gen.compile, batch_size=ev.batch_size,
+            device=None if ev.device == "auto" else ev.device, dtype=ev.dtype,
         )
         manager = task_manager(plan)
         if plan.generative:
             lm.warm_up(decoders)
         runs = {}
         for decoder in decoders:
-            lm.decoder, lm.samples = decoder, []
-            runs[decoder] = (evaluate_plan(lm, plan, manager, ev), lm.samples)
+            lm.decoder, lm.samples, lm.batches = decoder, [], []
+            runs[decoder] = (evaluate_plan(lm, plan, manager, ev), lm.samples, lm.batches)
     summary = summarise(plan, runs)
+    # With verification on, FLUID's generations equal greedy decoding of the original model (a draft-only adapter,
+    # or a plain model) or of these weights (LoRA on every row, full weights).
+    summary["exact_to"] = lm.model.meta.exact_to
+    summary["batch_size"] = ev.batch_size
+    summary["decode_runs"] = {d: batches for d, (_, _, batches) in runs.items()}
     for name in plan.names:
         console.print(task_table(name, summary["tasks"][name]))
     write_outputs(out_dir, cfg, plan, summary, runs)
@@ -313,18 +318,18 @@ def _quiet_custom_dataset() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------- reporting
 
 
-def summarise(plan: TaskPlan, runs: dict[str, tuple[dict, list[dict]]]) -> dict[str, Any]:
+def summarise(plan: TaskPlan, runs: dict[str, tuple[dict, list[dict], list[dict]]]) -> dict[str, Any]:
     """Per requested task: each decoder's metrics and decode speed; with two decoders the speed-up (AR wall time
     over FLUID wall time, on the same samples) and the fraction of identical generations."""
     tasks: dict[str, Any] = {}
     for name in plan.names:
         leaves = set(plan.leaves[name])
         entry: dict[str, Any] = {}
-        for decoder, (results, samples) in runs.items():
+        for decoder, (results, samples, batches) in runs.items():
             mine = [s for s in samples if s["task"] in leaves]
             entry[decoder] = {"metrics": _metrics(results, name), "n_samples": _n_samples(results, leaves)}
             if mine:
-                entry[decoder]["speed"] = _speed(mine)
+                entry[decoder]["speed"] = _speed(mine, batches)
         if len(runs) == 2 and "speed" in entry.get("fluid", {}):
             ar, fluid = entry["ar"]["speed"], entry["fluid"]["speed"]
             entry["speedup"] = ar["wall_s"] / fluid["wall_s"] if fluid["wall_s"] > 0 else None
@@ -343,10 +348,15 @@ def _n_samples(results: dict, leaves: set[str]) -> int:
     return sum(results["n-samples"][t]["effective"] for t in leaves if t in results.get("n-samples", {}))
 
 
-def _speed(samples: list[dict]) -> dict[str, float]:
+def _speed(samples: list[dict], batches: list[dict]) -> dict[str, float]:
+    """Tokens per forward of the task's generations (each generation's own forwards); wall time from the batched
+    decoding runs, each shared among tasks in proportion to the tokens it generated for them."""
     stats = [s["stats"] for s in samples]
     tokens, forwards = sum(s["new_tokens"] for s in stats), sum(s["forwards"] for s in stats)
-    wall = sum(s["wall_s"] for s in stats)
+    mine: Counter = Counter()
+    for sample in samples:
+        mine[sample["batch"]] += sample["stats"]["new_tokens"]
+    wall = sum(batches[b]["wall_s"] * n / max(batches[b]["new_tokens"], 1) for b, n in mine.items())
     horizons = [h for s in stats for h in s["horizons"]]
     return {
         "samples": len(stats), "new_tokens": tokens, "forwards": forwards, "wall_s": wall,
@@ -398,14 +408,14 @@ def task_table(name: str, entry: dict[str, Any]) -> Table:
 
 
 def write_outputs(out_dir: Path, cfg: Recipe, plan: TaskPlan, summary: dict[str, Any],
-                  runs: dict[str, tuple[dict, list[dict]]]) -> None:
+                  runs: dict[str, tuple[dict, list[dict], list[dict]]]) -> None:
     """`results.json` (settings, summary, lm-eval's results per decoder), `samples_<task>.jsonl` per leaf task and
     the resolved recipe, each written atomically."""
     def plain(obj: Any) -> Any:  # lm-eval's results hold numpy scalars and callables
         return json.loads(json.dumps(obj, default=handle_non_serializable))
 
     lm_eval_results = {d: plain({k: v for k, v in results.items() if k != "samples"})
-                       for d, (results, _) in runs.items()}
+                       for d, (results, _, _) in runs.items()}
     ev = cfg.eval
     write_json_atomic(out_dir / "results.json", {
         "model": ev.model_dir or cfg.train.output_dir, "tasks": plan.names, "decoders": list(runs),
@@ -419,11 +429,11 @@ def write_outputs(out_dir: Path, cfg: Recipe, plan: TaskPlan, summary: dict[str,
     cfg.save(out_dir)
 
 
-def _sample_rows(task: str, runs: dict[str, tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
+def _sample_rows(task: str, runs: dict[str, tuple[dict, list[dict], list[dict]]]) -> list[dict[str, Any]]:
     """One line per document: prompt and target, then per decoder the generation (or the log-likelihoods), each
     filter's extracted answer and metrics, and the decode statistics; `identical` with two decoders."""
     rows: dict[int, dict[str, Any]] = {}
-    for decoder, (results, samples) in runs.items():
+    for decoder, (results, samples, _) in runs.items():
         stats = defaultdict(list)
         for s in samples:
             if s["task"] == task:

@@ -70,3 +70,75 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- file sets
+
+STAGING_PREFIX = ".staging."
+READY_NAME = ".staging.ready"
+
+
+def replace_files(folder: str | Path, write: Callable[[Path], None], last: str) -> None:
+    """Replace a set of files in `folder` so that it always holds one complete set, even across a kill.
+
+    `write(stage)` writes the new files (and folders) into a hidden staging folder inside `folder`, `last`
+    among them: the file whose presence says the set is complete (a model folder's `fluid.json`). The staging
+    folder is then renamed `.staging.ready` in one step; its items replace the folder's, with `last` removed
+    first and moved in last. A kill before the rename leaves the old set untouched (its stale staging folder is
+    removed by the next `recover_files`); a kill while moving leaves `.staging.ready`, which `recover_files`
+    finishes. Readers call `recover_files` first.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_files(folder, last)
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=f"{STAGING_PREFIX}{os.getpid()}."))
+    try:
+        write(stage)
+        if not (stage / last).exists():
+            raise RuntimeError(f"replace_files: the writer did not produce {last}")
+        os.replace(stage, folder / READY_NAME)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _move_ready(folder, last)
+
+
+def recover_files(folder: str | Path, last: str) -> None:
+    """Finish a replacement that a kill interrupted, and remove staging folders of processes that are gone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if (folder / READY_NAME / last).exists():
+        _move_ready(folder, last)
+    elif (folder / READY_NAME).exists():  # moved but not yet removed
+        shutil.rmtree(folder / READY_NAME, ignore_errors=True)
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name[len(STAGING_PREFIX):].split(".")[0]
+        if stale.name != READY_NAME and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _move_ready(folder: Path, last: str) -> None:
+    ready = folder / READY_NAME
+    (folder / last).unlink(missing_ok=True)  # the folder is incomplete until `last` is back
+    for item in sorted(ready.iterdir()):
+        if item.name == last:
+            continue
+        target = folder / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    os.replace(ready / last, folder / last)
+    shutil.rmtree(ready, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

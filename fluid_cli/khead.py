@@ -9,8 +9,32 @@ Two objectives share the module:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
 import torch
 from torch import nn
+
+OBJECTIVES = ("loss-curve", "gaussian")
+
+
+@dataclass
+class KHeadMeta:
+    """The contract between calibration (which writes it into `fluid.json`) and decoding (which reads it).
+
+    `tau` is the threshold the head was calibrated at: a Gaussian head's classes *are* horizons for that tau
+    only; a loss-curve head predicts per-slot losses, so decoding may apply any tau. `slot_loss` is the mean
+    held-out loss of each slot (nats): the scale a sensible `--tau` lives on.
+    """
+
+    objective: Literal["loss-curve", "gaussian"] = "loss-curve"
+    calibrated: bool = False
+    tau: float | None = None
+    sigma: float | None = None
+    slot_loss: list[float] = field(default_factory=list)
+    steps: int | None = None
+    lr: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # dataset path and pair counts
 
 
 class KHead(nn.Module):

@@ -1,8 +1,8 @@
 """The lm-evaluation-harness model `fluid`: FLUID (or plain greedy) generation, causal log-likelihoods.
 
-`generate_until` decodes each request with `fluid_cli.decode.fluid_decode` (`decoder=ar`: `ar_decode`, plain
-greedy decoding of the same weights), honouring the request's stop strings (`until`, plus EOS) and
-`max_gen_toks`; decoding is always greedy. `loglikelihood` and `loglikelihood_rolling` are ordinary causal
+`generate_until` decodes the requests with `fluid_cli.decode.Decoder`, `batch_size` at a time (`decoder=ar`:
+plain greedy decoding of the same weights through the same loop), honouring each request's stop strings (`until`,
+plus EOS) and `max_gen_toks`; decoding is always greedy. `loglikelihood` and `loglikelihood_rolling` are ordinary causal
 forwards of the backbone, batched, so multiple-choice tasks such as MMLU work as for any causal LM.
 
 Registering: importing this module registers the model name `fluid` with lm-eval. lm-eval 0.4.13 has no hook
@@ -28,8 +28,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: `fluid` is added to them, not alone)
@@ -53,34 +51,18 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fluid_cli.config import ModelConfig
-from fluid_cli.decode import DecodeResult, DecodeSettings, ar_decode, fluid_decode
+from fluid_cli.config import DECODERS
+from fluid_cli.decode import DecodeSettings, Decoder, Request, ar_settings
 from fluid_cli.errors import FluidError
-from fluid_cli.modeling import META_NAME, FluidModel, load_pretrained, torch_dtype
+from fluid_cli.folder import load_for_inference
+from fluid_cli.hf import context_length
+from fluid_cli.model import FluidModel
+from fluid_cli.prompts import stop_strings
 
 log = logging.getLogger(__name__)
 
-DECODERS: dict[str, Callable[..., DecodeResult]] = {"fluid": fluid_decode, "ar": ar_decode}
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048  # when the model's config names no context length
-
-
-def load_model(path: str | Path, decoder: str, device: str, dtype: str = "auto",
-               trust_remote_code: bool = False) -> FluidModel:
-    """A FLUID model directory, or (for `decoder="ar"` only) a plain transformers causal-LM directory.
-
-    A plain model is wrapped without K-head or FLUID metadata: greedy AR decoding and log-likelihoods need
-    neither, and `fluid` decoding is refused before this point.
-    """
-    path = Path(path)
-    resolved = torch_dtype(dtype)
-    if resolved == "auto":
-        resolved = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if (path / META_NAME).is_file() or decoder != "ar":  # a non-FLUID directory: a FluidError hinting --decoder ar
-        return FluidModel.load(path, dtype=resolved, device=device, merge=True)
-    lm, tokenizer = load_pretrained(ModelConfig(path=str(path), dtype=str(resolved).removeprefix("torch."),
-                                                trust_remote_code=trust_remote_code))
-    return FluidModel(lm.to(device).eval(), None, None, tokenizer).eval()  # type: ignore[arg-type]
 
 
 def resolve_device(device: str | None) -> str:
@@ -101,10 +83,11 @@ class FluidLM(TemplateLM):
         decoder: str = "fluid",
         horizon: str = "auto",
         tau: float | None = None,
-        threshold: float = 0.9,
+        threshold: float | None = None,
         max_k: int | None = None,
         min_k: int = 1,
         verify: bool = True,
+        compile: bool = False,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,  # lm-eval passes it to every model; batches here are fixed
         max_length: int | None = None,
@@ -112,7 +95,8 @@ class FluidLM(TemplateLM):
         device: str | None = None,
         dtype: str = "auto",
         add_bos_token: bool = False,
-        trust_remote_code: bool = False,  # plain models only: a FLUID directory records it in fluid.json
+        mask_token: str | None = None,  # plain models only: the existing token their drafts use
+        trust_remote_code: bool = False,  # plain models only: a FLUID folder records it in fluid.json
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
@@ -120,21 +104,33 @@ class FluidLM(TemplateLM):
         self.decoder = decoder
         if isinstance(model, FluidModel):
             self.model = model
-            self._device = next(model.lm.parameters()).device
         else:
-            self._device = torch.device(resolve_device(device))
-            self.model = load_model(model, decoder, str(self._device), dtype, trust_remote_code)
+            self.model = load_for_inference(model, device=resolve_device(device), dtype=dtype, mask_token=mask_token,
+                                            max_k=max_k, trust_remote_code=trust_remote_code)
+        self._device = self.model.device
         self.tokenizer = self.model.tokenizer
         self.settings = DecodeSettings(horizon=horizon, tau=tau, threshold=threshold, max_k=max_k, min_k=min_k,
-                                       verify=verify)
+                                       verify=verify, compile=compile, eos_token_ids=(self.tokenizer.eos_token_id,))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE  # "auto" too
-        self._max_length = max_length or _context_length(self.model) or DEFAULT_MAX_LENGTH
+        if self.batch_size < 1:
+            raise FluidError(f"batch_size={batch_size}: must be at least 1")
+        self._max_length = max_length or context_length(self.model.lm.config) or DEFAULT_MAX_LENGTH
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
         self.samples: list[dict[str, Any]] = []
+        self.batches: list[dict[str, Any]] = []  # one record per generate_until call: the decoder and its BatchStats
+        # One decoder per kind for the whole evaluation: forward costs are measured once, and acceptance statistics
+        # carry over from request to request.
+        self._decoders: dict[str, Decoder] = {}
         # Log-likelihoods do not depend on the decoder: `fluid eval --decoder both` reuses them across its runs.
         self._loglikelihoods: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
         self._warned_sampling = False
+
+    def decoder_for(self, name: str) -> Decoder:
+        if name not in self._decoders:
+            settings = self.settings if name == "fluid" else ar_settings(self.settings)
+            self._decoders[name] = Decoder(self.model, settings, batch_size=self.batch_size)
+        return self._decoders[name]
 
     # -- what lm-eval asks of a TemplateLM ---------------------------------------------------------------------
     @property
@@ -227,38 +223,41 @@ class FluidLM(TemplateLM):
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        texts = []
+        """Every request decoded by the current decoder, `batch_size` at a time (a finished request makes room for
+        the next), each with its own stop strings and token limit."""
+        untils, batch = [], []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            if kwargs.get("do_sample") and not self._warned_sampling:
+                log.warning("a task asks for sampling (%s); FLUID decoding is greedy", gen_kwargs)
+                self._warned_sampling = True
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], False))
+            max_new = int(kwargs["max_gen_toks"])
+            # As lm-eval's HF model: keep the end of the context so that it and the generation fit the model.
+            prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
+            untils.append(until)
+            batch.append(Request(prompt, max_new_tokens=max_new, stop=stop_strings(self.tokenizer, until)))
         with self._progress(len(requests), f"generate ({self.decoder})", disable_tqdm) as advance:
-            for req in requests:
-                context, gen_kwargs = req.args
-                text, result = self._generate(context, gen_kwargs)
-                texts.append(text)
-                self.samples.append({"task": req.task_name, "doc_id": req.doc_id, "decoder": self.decoder,
-                                     "output": text, "stats": result.stats.to_dict()})
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                advance(1, result.stats.new_tokens)
+            results, stats = self.decoder_for(self.decoder).run(
+                batch, on_done=lambda _, result: advance(1, result.stats.new_tokens))
+        self.batches.append({"decoder": self.decoder, "tasks": sorted({r.task_name for r in requests}),
+                             **stats.to_dict()})
+        texts = []
+        for req, until, result in zip(requests, untils, results):
+            text = postprocess_generated_text(self.tok_decode(result.tokens), until, None)
+            texts.append(text)
+            self.samples.append({"task": req.task_name, "doc_id": req.doc_id, "decoder": self.decoder,
+                                 "output": text, "stats": result.stats.to_dict(), "batch": len(self.batches) - 1})
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return texts
 
     def warm_up(self, decoders: list[str]) -> None:
-        """Decode a few tokens with each of `decoders`, so that one-time costs (allocations, kernel choices) are
-        not timed as part of whichever decoder runs first."""
+        """Decode a few tokens with each of `decoders`, so that one-time costs (allocations, kernel choices, the
+        forward-cost probe) are not timed as part of whichever decoder runs first."""
         prompt = self.tok_encode("Question: 1 + 1?\nAnswer:")
         for decoder in decoders:
-            DECODERS[decoder](self.model, prompt, replace(self.settings, max_new_tokens=4))
-
-    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> tuple[str, DecodeResult]:
-        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-        if kwargs.get("do_sample") and not self._warned_sampling:
-            log.warning("a task asks for sampling (%s); FLUID decoding is greedy", gen_kwargs)
-            self._warned_sampling = True
-        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], False))
-        max_new = int(kwargs["max_gen_toks"])
-        # As lm-eval's HF model: keep the end of the context so that it and the generation fit the model.
-        prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
-        settings = replace(self.settings, max_new_tokens=max_new, eos_token_ids=(self.eot_token_id,),
-                           stop=stop_at(self.tokenizer, until))
-        result = DECODERS[self.decoder](self.model, prompt, settings)
-        return postprocess_generated_text(self.tok_decode(result.tokens), until, None), result
+            self.decoder_for(decoder).run([Request(prompt, max_new_tokens=4)])
 
     @contextmanager
     def _progress(self, total: int, label: str, disabled: bool) -> Iterator[Callable[[int, int], None]]:
@@ -277,36 +276,6 @@ class FluidLM(TemplateLM):
                 bar.update(task, advance=n, rate=rate)
 
             yield advance
-
-
-def stop_at(tokenizer: Any, until: list[str]) -> Callable[[list[int]], int | None]:
-    """The decoder's stop callback for stop strings: once the decoded text contains one of `until`, the number of
-    tokens up to the one that completes it (the text is cut at the string afterwards, as lm-eval does).
-
-        >>> from fluid_cli.tokenizer import build_char_tokenizer
-        >>> tok = build_char_tokenizer()
-        >>> stop = stop_at(tok, ["Question:"])
-        >>> stop(tok.encode("12\\nQuestion: x")), stop(tok.encode("12\\nQuest"))
-        (12, None)
-    """
-    terms = [t for t in until if t]
-
-    def found(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        return any(t in text for t in terms)
-
-    def stop(ids: list[int]) -> int | None:
-        if not terms or not found(ids):
-            return None
-        return next(n for n in range(1, len(ids) + 1) if found(ids[:n]))
-
-    return stop
-
-
-def _context_length(model: FluidModel) -> int | None:
-    config = model.lm.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
 
 
 if __name__ == "__main__":

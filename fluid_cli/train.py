@@ -41,27 +41,19 @@ from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from fluid_cli.backbone import model_reference, recipe_lm, recipe_tokenizer
 from fluid_cli.config import FluidConfig, Recipe
 from fluid_cli.errors import FluidError
+from fluid_cli.folder import META_NAME, save_model
+from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token
 from fluid_cli.io import write_json_atomic, write_text_atomic
 from fluid_cli.khead import KHead
 from fluid_cli.layout import ExpandedBatch, PAD_SLOT, build_expanded_batch, pad_batch
-from fluid_cli.modeling import (
-    META_NAME,
-    FluidMeta,
-    FluidModel,
-    Stage1Loss,
-    apply_lora,
-    build_scratch_model,
-    hidden_size_of,
-    load_pretrained,
-    load_tokenizer,
-    noise_token_ids,
-    resolve_mask_token,
-)
+from fluid_cli.lora import apply_lora
+from fluid_cli.model import FluidMeta, FluidModel, Stage1Loss
 
 CHECKPOINTS = "checkpoints"
 METRICS_NAME = "metrics.jsonl"
@@ -135,7 +127,7 @@ def dataset_tokenizer(cfg: Recipe) -> Any | None:
     folder = dataset_dir(cfg) / "tokenizer"
     if not folder.is_dir():
         return None
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    return load_tokenizer(str(folder), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def check_same_vocabulary(data_tok: Any, model_tok: Any, cfg: Recipe) -> None:
@@ -158,38 +150,39 @@ def build_model(cfg: Recipe) -> FluidModel:
     """The model to train: backbone (pretrained or scratch), mask token, LoRA or full weights, untrained K-head."""
     data_tok = dataset_tokenizer(cfg)
     if cfg.model.scratch is not None:
-        tokenizer = data_tok if data_tok is not None else load_tokenizer(cfg.model)
-        lm = build_scratch_model(cfg.model.scratch, tokenizer, cfg.model.attn_implementation)
+        tokenizer = data_tok if data_tok is not None else recipe_tokenizer(cfg.model)
+        lm = recipe_lm(cfg.model, tokenizer)
         base_model = None
     else:
-        lm, tokenizer = load_pretrained(cfg.model)
+        tokenizer = recipe_tokenizer(cfg.model)
+        lm = recipe_lm(cfg.model, tokenizer)
         if data_tok is not None:
             check_same_vocabulary(data_tok, tokenizer, cfg)
             tokenizer = data_tok  # it carries the chat template the data was rendered with
         base_model = model_reference(cfg.model.path)
-    mask_id, _ = resolve_mask_token(tokenizer, lm, cfg.fluid)
+    mask_id, _ = resolve_mask_token(tokenizer, lm, cfg.fluid.mask_token, cfg.fluid.add_mask_token)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input gradients, so frozen embeddings under LoRA are fine.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab_size = lm.get_input_embeddings().num_embeddings  # before LoRA wraps the embedding
-    backbone = apply_lora(lm, cfg.lora, mask_id) if cfg.lora.enabled else lm
+    lora = cfg.lora
+    backbone = lm
+    if lora.enabled:
+        backbone = apply_lora(lm, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                              target_modules=lora.target_modules, mask_token_id=mask_id)
     meta = FluidMeta(
         mask_token=cfg.fluid.mask_token,
         mask_token_id=mask_id,
         max_k=cfg.fluid.max_k,
         vocab_size=vocab_size,
+        weights="adapter" if lora.enabled else "full",
+        lora_scope=lora.scope if lora.enabled else None,
         base_model=base_model,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    # Stage II trains the K-head; it is saved untrained now so the directory is complete and loadable.
+    # Stage II trains the K-head; it is saved untrained now so the folder is complete and loadable.
     khead = KHead(hidden_size_of(lm.config), cfg.fluid.max_k).requires_grad_(False)
     return FluidModel(backbone, khead, meta, tokenizer)
-
-
-def model_reference(path: str) -> str:
-    """How `fluid.json` names the base model: an absolute path for a local folder (loadable from anywhere), else
-    the hub id as given."""
-    return str(Path(path).resolve()) if Path(path).is_dir() else path
 
 
 class Stage1Objective(nn.Module):
@@ -319,8 +312,8 @@ def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Ge
 def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator, expected: dict) -> int:
     """Restore a checkpoint written by `save_checkpoint`; returns the step it was taken after."""
     state = json.loads((path / STATE_NAME).read_text())
-    for key in ("world_size", "batch_size", "grad_accum", "seed"):
-        if state[key] != expected[key]:
+    for key in ("world_size", "batch_size", "grad_accum", "seed", "lora_scope"):
+        if state.get(key, expected[key]) != expected[key]:
             raise FluidError(
                 f"--resume: {path} was written with {key} = {state[key]}, the run now has {expected[key]}; "
                 "resuming would not continue the same run"
@@ -460,7 +453,7 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
     acc.register_save_state_pre_hook(keep_trainable)
     layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
     run_state = {"world_size": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                 "seed": t.seed}
+                 "seed": t.seed, "lora_scope": fluid.meta.lora_scope}
 
     start = load_checkpoint(acc, latest_checkpoint(out), layout_rng, run_state) if resume else 0
     if main:
@@ -543,7 +536,7 @@ def save_final(acc: Accelerator, objective: nn.Module, fluid: FluidModel, out: P
                                     device=acc.device)).amax(0).tolist()
     if acc.is_main_process:
         fluid.lm.config.use_cache = use_cache
-        fluid.save(out, state_dict=state)
+        save_model(fluid, out, state_dict=state)
         seconds = totals["seconds"]
         steps = sched.total_steps - start
         same = acc.distributed_type == DistributedType.FSDP or all(f == fingerprint[0] for f in fingerprint)

@@ -18,7 +18,7 @@ from fluid_cli.cli import app
 from fluid_cli.config import load_recipe, load_recipe_text
 from fluid_cli.khead import gaussian_soft_labels, horizon_from_curve
 from fluid_cli.layout import build_expanded_batch, pad_batch
-from fluid_cli.modeling import FluidModel
+from fluid_cli.folder import load_model
 
 runner = CliRunner()
 K = 4
@@ -106,7 +106,7 @@ def test_block_losses_equal_a_plain_forward_over_prefix_and_masks():
         for n, (b, i) in enumerate(blocks):
             x = rows[b]["input_ids"]
             seq = torch.tensor([x[: i + 1] + [model.mask_token_id] * K])
-            logits, ref_hidden, _ = model(seq)
+            logits, ref_hidden = model(seq)
             torch.testing.assert_close(hidden[n], ref_hidden[0, i], atol=1e-5, rtol=1e-5)
             for o in range(1, K + 1):
                 exists = i + o + 1 < len(x)
@@ -198,10 +198,10 @@ def stage1(tmp_path_factory):
 
 
 def test_backbone_frozen_and_only_the_head_trained(stage1, monkeypatch):
-    model = FluidModel.load(stage1 / "model")
+    model = load_model(stage1 / "model")
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     old_head = {k: v.clone() for k, v in model.khead.state_dict().items()}
-    monkeypatch.setattr(calibrate.FluidModel, "load", lambda *a, **kw: model)
+    monkeypatch.setattr(calibrate, "load_model", lambda *a, **kw: model)
     cfg = load_recipe_text((stage1 / "recipe.toml").read_text(), ["khead.steps=20"])
     calibrate.run(cfg)
 
@@ -221,9 +221,10 @@ def test_calibrate_end_to_end_sweep(stage1):
     model_dir = stage1 / "model"
     weights = (model_dir / "model.safetensors").read_bytes()
     result = runner.invoke(app, ["calibrate-khead", str(stage1 / "recipe.toml"), "--tau", "0.5,1.0,1.5",
-                                 "--set", "khead.sigma=1.25"])
+                                 "--set", "khead.sigma=1.25", "--set", "khead.objective=gaussian"])
     assert result.exit_code == 0, result.output
     assert "Saved the head for tau=1 (gaussian)" in result.stdout
+    assert "held-out loss per slot (nats)" in result.stdout  # the scale tau is chosen on
 
     report = json.loads((model_dir / "calibration.json").read_text())
     assert [r["tau"] for r in report["results"]] == [0.5, 1.0, 1.5]
@@ -236,19 +237,21 @@ def test_calibrate_end_to_end_sweep(stage1):
 
     meta = json.loads((model_dir / "fluid.json").read_text())
     assert meta["khead"] == {
-        "objective": "gaussian", "tau": 1.0, "sigma": 1.25, "K": K, "calibrated": True,
+        "objective": "gaussian", "calibrated": True, "tau": 1.0, "sigma": 1.25, "slot_loss": report["slot_loss"],
+        "steps": 300, "lr": 3e-3,
         "data": {"path": str(stage1 / "data"), "pairs": report["pairs"]["train"],
                  "holdout_pairs": report["pairs"]["holdout"]},
-        "steps": 300, "lr": 3e-3,
     }
+    assert len(report["slot_loss"]) == K and report["slot_loss"][0] < report["slot_loss"][-1]
     assert "sigma = 1.25" in (model_dir / "calibration-config.toml").read_text()  # the calibration recipe
     assert (model_dir / "model.safetensors").read_bytes() == weights  # the backbone is untouched
-    assert not list(model_dir.glob(".calibrate.*"))  # the temporary pair store is gone
-    assert FluidModel.load(model_dir).khead.max_k == K
+    assert not list(model_dir.glob(".calibrate.*")) and not list(model_dir.glob(".staging*"))  # nothing left over
+    assert load_model(model_dir).khead.max_k == K
 
 
 def test_single_tau_replaces_the_recipes(stage1):
-    result = runner.invoke(app, ["calibrate-khead", str(stage1 / "recipe.toml"), "--tau", "1.5"])
+    result = runner.invoke(app, ["calibrate-khead", str(stage1 / "recipe.toml"), "--tau", "1.5",
+                                 "--set", "khead.objective=gaussian"])
     assert result.exit_code == 0, result.output
     report = json.loads((stage1 / "model" / "calibration.json").read_text())
     assert [(r["tau"], r["saved"]) for r in report["results"]] == [(1.5, True)]

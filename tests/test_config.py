@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from fluid_cli import __version__
 from fluid_cli.cli import app
 from fluid_cli.config import RESOLVED_CONFIG_NAME, Recipe, load_recipe, load_recipe_text
 from fluid_cli.errors import FluidError
@@ -40,7 +44,8 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert path.name == RESOLVED_CONFIG_NAME
     again = load_recipe(path)
     assert again.train.max_steps == 7 and again.model.scratch.hidden_size == 64
-    assert again == cfg.__class__(**{**again.__dict__, "source": again.source})
+    assert again.source == str(path) and cfg.source is None
+    assert dataclasses.replace(again, source=None) == cfg  # every value survives the round trip
 
 
 @pytest.mark.parametrize(
@@ -49,7 +54,7 @@ def test_resolved_recipe_round_trips(tmp_path):
         ("[train]\nlr = 1e-4\nlrr = 2\n", "bad.toml:3: [train] lrr: unknown key"),
         ("[train]\nlr = 'fast'\n", "bad.toml:2: [train] lr: expected a float, got 'fast'"),
         ("[lora]\nenabled = 1\n", "bad.toml:2: [lora] enabled: expected true or false, got 1"),
-        ("[generate]\nhorizon = 'widest'\n", "[generate] horizon: expected one of 'auto', 'khead', 'fixed', 'entropy', got 'widest'"),
+        ("[generate]\nhorizon = 'widest'\n", "[generate] horizon: expected one of 'auto', 'cost', 'khead', 'fixed', 'entropy', got 'widest'"),
         ("[[data.sources]]\nformat = 'text'\n", "[data] sources[0] path: required key is missing"),
         ("[nope]\nx = 1\n", "bad.toml:1: [nope]: unknown key"),
         ("[train\n", "bad.toml: invalid TOML"),
@@ -87,5 +92,8 @@ def test_recipe_command_prints_resolved_toml(tmp_path):
 
 def test_version_and_module_entry():
     assert runner.invoke(app, ["--version"]).stdout.startswith("fluid ")
+    module = subprocess.run([sys.executable, "-m", "fluid_cli", "--version"], capture_output=True, text=True,
+                            check=False)
+    assert module.returncode == 0 and module.stdout == f"fluid {__version__}\n"
     with pytest.raises(FluidError):
         load_recipe_text("[fluid]\nmax_k = 'x'\n")

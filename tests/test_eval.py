@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import os
 import subprocess
@@ -17,9 +16,10 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from tiny import tiny_fluid_model, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from fluid_cli import evaluate, lm_eval_adapter
+from fluid_cli import evaluate
 from fluid_cli.cli import app
 from fluid_cli.config import EvalConfig
+from fluid_cli.folder import save_model
 from fluid_cli.lm_eval_adapter import FluidLM
 from fluid_cli.tasks import utils as task_utils
 
@@ -48,7 +48,7 @@ def untied_fluid_model(seed: int = 1):
 @pytest.fixture(scope="module")
 def fluid_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fluid-model")
-    untied_fluid_model().save(folder)
+    save_model(untied_fluid_model(), folder)
     return folder
 
 
@@ -179,14 +179,31 @@ def test_loglikelihood_matches_unbatched_forwards():
         assert greedy == (logp.argmax(-1).tolist() == cont_ids)
 
 
+def _generate(lm: FluidLM, *gen_kwargs: dict) -> list[str]:
+    context = "Question: 2+2?\nAnswer:"
+    return lm.generate_until([_instance("generate_until", (context, kw)) for kw in gen_kwargs], disable_tqdm=True)
+
+
 def test_generation_stops_at_stop_strings_and_max_gen_toks():
     lm = FluidLM(untied_fluid_model())
-    free, result = lm._generate("Question: 2+2?\nAnswer:", {"until": [], "max_gen_toks": 12, "do_sample": False})
-    assert result.stats.new_tokens == 12 and len(free) >= 6
+    (free,) = _generate(lm, {"until": [], "max_gen_toks": 12, "do_sample": False})
+    assert lm.samples[-1]["stats"]["new_tokens"] == 12 and len(free) >= 6
     stop = free[3:5]
-    cut, result = lm._generate("Question: 2+2?\nAnswer:", {"until": [stop], "max_gen_toks": 12, "do_sample": False})
-    assert cut == free.split(stop)[0] and result.stats.stop_reason == "stop"
-    assert doctest.testmod(lm_eval_adapter).failed == 0
+    (cut,) = _generate(lm, {"until": [stop], "max_gen_toks": 12, "do_sample": False})
+    assert cut == free.split(stop)[0] and lm.samples[-1]["stats"]["stop_reason"] == "stop"
+
+
+def test_batched_generation_equals_one_request_at_a_time():
+    """Requests with their own stop strings and limits, decoded 3 at a time, give what each gives alone."""
+    model = untied_fluid_model()
+    kwargs = [{"until": [], "max_gen_toks": n, "do_sample": False} for n in (12, 5, 9, 12, 3)]
+    kwargs[3]["until"] = ["a"]
+    one = [_generate(FluidLM(model, batch_size=1), kw)[0] for kw in kwargs]
+    for decoder in ("fluid", "ar"):
+        lm = FluidLM(model, batch_size=3, decoder=decoder)
+        assert _generate(lm, *kwargs) == one, decoder
+        assert len(lm.batches) == 1 and lm.batches[0]["batch_size"] == 3
+        assert lm.batches[0]["new_tokens"] == sum(s["stats"]["new_tokens"] for s in lm.samples)
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -277,12 +294,16 @@ def test_code_execution_needs_the_flag(tmp_path):
     assert result.exit_code == 2 and "--allow-code-execution" in text
 
 
-def test_plain_model_directory_hints_the_ar_decoder(arithmetic_dir, tmp_path):
+def test_a_plain_model_decodes_with_fluid_too(arithmetic_dir, tmp_path):
     plain = tmp_path / "plain"
     tiny_model().save_pretrained(plain)
-    result, text = invoke("arithmetic", "--model", str(plain), "--data-dir", str(arithmetic_dir))
-    assert result.exit_code == 2 and "not a FLUID model directory" in text and "--decoder ar" in text
-    assert len(result.output.strip().splitlines()) == 1
+    tiny_tokenizer().save_pretrained(plain)
+    out = tmp_path / "eval"
+    result, text = invoke("arithmetic", "--model", str(plain), "--decoder", "both", "--limit", "2",
+                          "--data-dir", str(arithmetic_dir), "--output-dir", str(out), "--set", "eval.max_gen_toks=6")
+    assert result.exit_code == 0, text
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["exact_to"] == "base" and summary["tasks"]["arithmetic"]["identical"] == 1.0
 
 
 def _instance(request_type: str, args: tuple) -> Instance:

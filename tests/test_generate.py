@@ -13,8 +13,11 @@ from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from fluid_cli.cli import app
-from fluid_cli.generate import BLOCK_STYLES, BlockStreamer, encode, eos_token_ids
-from fluid_cli.modeling import FluidModel
+from fluid_cli.folder import load_model, save_model
+from fluid_cli.generate import BLOCK_STYLES, BlockStreamer
+from fluid_cli.hf import eos_token_ids
+from fluid_cli.model import FluidModel
+from fluid_cli.prompts import encode_prompt
 
 runner = CliRunner()
 
@@ -24,7 +27,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def fluid_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fluid")
-    sharp_model("llama", max_k=8).save(folder)
+    save_model(sharp_model("llama", max_k=8), folder)
     return folder
 
 
@@ -41,7 +44,7 @@ def fluid(*args: str, input: str | None = None):
 
 
 def greedy(model: FluidModel, ids: list[int], n: int) -> list[int]:
-    return lm_greedy(model.lm, ids, n, list(eos_token_ids(model)))
+    return lm_greedy(model.lm, ids, n, list(eos_token_ids(model.tokenizer, model.lm)))
 
 
 def lm_greedy(lm, ids: list[int], n: int, eos: list[int]) -> list[int]:
@@ -59,10 +62,10 @@ def generate_json(*args: str, input: str | None = None) -> dict:
 def test_generate_equals_hf_greedy_and_ar(fluid_dir):
     out = generate_json("--model", fluid_dir, "-p", "hello", "-p", "2+3=", "--max-new-tokens", "30",
                         "--horizon", "khead", "--threshold", "0.5", "--compare-ar")
-    model = FluidModel.load(fluid_dir)
+    model = load_model(fluid_dir)
     assert out["settings"]["horizon"] == "khead" and out["settings"]["threshold"] == 0.5
     for prompt, row in zip(["hello", "2+3="], out["results"]):
-        ids = encode(model.tokenizer, prompt, chat_template=True)
+        ids = encode_prompt(model.tokenizer, prompt, chat_template=True)
         assert row["prompt_tokens"] == len(ids)
         assert row["tokens"] == greedy(model, ids, 30)
         assert row["text"] == model.tokenizer.decode(row["tokens"], skip_special_tokens=True)
@@ -99,7 +102,8 @@ def test_recipe_table_with_flags_on_top(fluid_dir, tmp_path):
     out = generate_json(recipe, "-p", "hi", "--max-new-tokens", "7", "--no-verify", "--max-k", "4")
     assert out["settings"] | {"stop": None} == {"horizon": "fixed", "tau": None, "threshold": 0.7, "max_k": 4,
                                                 "min_k": 1, "verify": False, "max_new_tokens": 7,
-                                                "chat_template": True, "stop": None, "dtype": "auto"}
+                                                "batch_size": 1, "compile": False, "chat_template": True,
+                                                "stop": None, "dtype": "auto"}
     assert out["results"][0]["stats"]["verify_forwards"] == 0
 
 
@@ -128,21 +132,27 @@ def test_stop_string_ends_the_generation(fluid_dir):
     assert row["stats"]["stop_reason"] == "stop"
 
 
-@pytest.mark.parametrize("horizon", ["fixed", "entropy"])
+@pytest.mark.parametrize("horizon", ["cost", "fixed", "entropy"])
 def test_plain_model_with_a_headless_horizon(plain_dir, horizon):
     out = generate_json("--model", plain_dir, "-p", "hello", "--horizon", horizon, "--max-k", "4",
-                        "--max-new-tokens", "20", "--threshold", "0.5")
+                        "--max-new-tokens", "20", "--compare-base")
     tok = tiny_tokenizer()
-    reference = lm_greedy(tiny_model("llama", seed=3), encode(tok, "hello", True), 20, [tok.eos_token_id])
-    assert out["results"][0]["tokens"] == reference
+    reference = lm_greedy(tiny_model("llama", seed=3), encode_prompt(tok, "hello", True), 20, [tok.eos_token_id])
+    row = out["results"][0]
+    assert row["tokens"] == reference == row["base"]["tokens"] and row["match_base"]
+    assert out["exact_to"] == "base" and row["stats"]["policy"] == horizon
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "{plain}", "-p", "hi"], "a plain model (no fluid.json, so no K-head): decode it with --horizon fixed"),
+        (["--model", "{plain}", "-p", "hi", "--horizon", "khead"], "K-head is not calibrated"),
+        (["--model", "{fluid}", "-p", "hi", "--tau", "0"], "tau = 0.0: must be a positive number"),
+        (["--model", "{fluid}", "-p", "hi", "--horizon", "fixed", "--tau", "2.8"], "does not use tau"),
+        (["--model", "{fluid}", "-p", "hi", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--model", "{fluid}", "-p", "hi", "--compare-base"], "no original model to compare with"),
         (["--model", "{plain}", "-p", "hi", "--horizon", "fixed", "--mask-token", "<nope>"], "--mask-token '<nope>'"),
-        (["--model", "{empty}", "-p", "hi"], "not a FLUID model directory"),
+        (["--model", "{empty}", "-p", "hi"], "not a FLUID model folder"),
         (["--model", "{fluid}", "-p", " "], "prompt 1 is empty"),
         (["--model", "{fluid}", "-p", "hi", "--max-k", "9"], "max_k = 9: must be between 1 and the model's K = 8"),
         (["--model", "{fluid}", "-p", "x" * 300], "does not fit the model's context of 256 positions"),
@@ -158,18 +168,25 @@ def test_bad_input_is_one_clear_line(fluid_dir, plain_dir, tmp_path, args, messa
     assert "Traceback" not in result.output
 
 
-def test_bench_decode_reports_every_decoder(fluid_dir, tmp_path):
+def test_bench_decode_reports_every_decoder_and_batch_size(fluid_dir, tmp_path):
     report_path = tmp_path / "bench.json"
-    result = fluid("bench", "decode", "--model", fluid_dir, "-p", "hello", "-p", "2+3=", "-p", "abc", "--limit", "2",
-                   "--max-new-tokens", "16", "--threshold", "0.5", "--output", report_path)
+    args = ("bench", "decode", "--model", fluid_dir, "-p", "hello", "-p", "2+3=", "-p", "abc", "--limit", "3",
+            "--max-new-tokens", "16", "--batch-size", "1,2", "--decoders", "hf,hf-static,prompt-lookup,ar,fluid",
+            "--output", report_path)
+    result = fluid(*args)
     assert result.exit_code == 0, result.output
     assert "decoding benchmark" in result.stderr
     report = json.loads(report_path.read_text())
-    assert report["prompts"] == 2 and report["device"] == "cpu"
-    hf, ar, fl = (report["decoders"][name] for name in ("hf", "ar", "fluid"))
-    assert hf["tokens"] == ar["tokens"] == fl["tokens"] > 0
+    assert report["prompts"] == 3 and report["device"] == "cpu" and report["exact_to"] == "adapted"
+    runs = {(r["decoder"], r["batch_size"]): r for r in report["runs"]}
+    assert set(runs) == {(d, 1) for d in ("hf", "hf-static", "prompt-lookup", "ar", "fluid")} | {
+        (d, 2) for d in ("hf", "hf-static", "ar", "fluid")}  # prompt lookup runs at batch size 1 only
+    hf, ar, fl = runs["hf", 1], runs["ar", 1], runs["fluid", 1]
+    assert hf["tokens"] == ar["tokens"] == fl["tokens"] == 48
     assert hf["forwards"] == ar["forwards"] == hf["tokens"]  # greedy: one forward per token, counted alike
-    assert ar["same_as_hf"] == fl["same_as_hf"] == 2
+    for key in (("ar", 1), ("fluid", 1), ("ar", 2), ("fluid", 2), ("prompt-lookup", 1), ("hf-static", 1)):
+        assert runs[key]["same_as_hf"] == 3, key
+    assert runs["fluid", 2]["forwards"] < fl["forwards"]  # two rows share each forward
     assert fl["forwards_per_token"] == pytest.approx(fl["forwards"] / fl["tokens"])
-    assert [row["fluid"]["forwards"] for row in report["per_prompt"]] and all(
-        row["fluid_same_as_hf"] for row in report["per_prompt"])
+    again = fluid(*args)
+    assert again.exit_code == 2 and "exists; pass --overwrite" in again.stderr

@@ -8,20 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fluid_cli.config import LoraSection
 from fluid_cli.errors import FluidError
+from fluid_cli.folder import KHEAD_NAME, META_NAME, load_model, save_model
+from fluid_cli.hf import noise_token_ids, resolve_mask_token
 from fluid_cli.khead import KHead
 from fluid_cli.layout import BlockPlan, build_expanded_batch, expand_batch, pad_batch
-from fluid_cli.modeling import (
-    KHEAD_NAME,
-    META_NAME,
-    FluidMeta,
-    FluidModel,
-    apply_lora,
-    noise_token_ids,
-    resolve_mask_token,
-)
-from tiny import ARCHITECTURES, fluid_config, tiny_fluid_model, tiny_model, tiny_tokenizer
+from fluid_cli.lora import apply_lora
+from fluid_cli.model import FluidMeta, FluidModel
+from tiny import ARCHITECTURES, tiny_fluid_model, tiny_model, tiny_tokenizer
 
 
 def batch(tok):
@@ -54,7 +48,7 @@ def test_fluid_forward_matches_the_models_own_logits(arch):
         model.lm.config.logits_scaling = 4.0  # make Granite's scaling visible
     ids = torch.tensor([[9, 40, 41, model.mask_token_id, 50]])
     with torch.no_grad():
-        logits, _, _ = model(ids)
+        logits, _ = model(ids)
         torch.testing.assert_close(logits, model.lm(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
 
 
@@ -79,14 +73,14 @@ def test_mask_token_is_reused_or_added():
     tok = tiny_tokenizer()
     model = tiny_model("llama", tok)
     n = model.get_input_embeddings().num_embeddings
-    token_id, added = resolve_mask_token(tok, model, fluid_config())
+    token_id, added = resolve_mask_token(tok, model, "<|mask|>")
     assert not added and token_id == tok.convert_tokens_to_ids("<|mask|>")
-    token_id, added = resolve_mask_token(tok, model, fluid_config(mask_token="<|new_mask|>"))
+    token_id, added = resolve_mask_token(tok, model, "<|new_mask|>")
     assert added and token_id == n and model.get_input_embeddings().num_embeddings == n + 1
     assert tok.convert_ids_to_tokens(token_id) == "<|new_mask|>"
     assert token_id not in noise_token_ids(tok, n + 1).tolist()
     with pytest.raises(FluidError, match="add_mask_token = false"):
-        resolve_mask_token(tok, model, fluid_config(mask_token="<|absent|>", add_mask_token=False))
+        resolve_mask_token(tok, model, "<|absent|>", add=False)
 
 
 def perturb(module: torch.nn.Module, seed: int) -> None:
@@ -98,14 +92,14 @@ def perturb(module: torch.nn.Module, seed: int) -> None:
 
 
 def round_trip(model: FluidModel, folder) -> FluidModel:
-    model.save(folder)
+    save_model(model, folder)
     assert (folder / META_NAME).is_file() and (folder / KHEAD_NAME).is_file()
-    return FluidModel.load(folder)
+    return load_model(folder)
 
 
 def outputs(model: FluidModel, ids: torch.Tensor):
     with torch.no_grad():
-        logits, hidden, _ = model(ids)
+        logits, hidden = model(ids)
         return logits, model.khead(hidden)
 
 
@@ -124,12 +118,12 @@ def test_adapter_round_trip_with_added_mask_token_is_bit_exact(tmp_path):
     base = tiny_model("llama", tok)
     base.save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    mask_id, added = resolve_mask_token(tok, base, fluid_config(mask_token="<|new_mask|>"))
+    mask_id, added = resolve_mask_token(tok, base, "<|new_mask|>")
     assert added
-    peft_model = apply_lora(base, LoraSection(r=4, alpha=8, dropout=0.0), mask_id)
+    peft_model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear", mask_token_id=mask_id)
     perturb(peft_model, 0)  # LoRA B starts at zero; make the adapter and the mask row matter
     meta = FluidMeta(mask_token="<|new_mask|>", mask_token_id=mask_id, max_k=4, vocab_size=len(tok),
-                     base_model=str(tmp_path / "base"))
+                     lora_scope="all", base_model=str(tmp_path / "base"))
     model = FluidModel(peft_model, KHead(32, 4), meta, tok).eval()
     ids = torch.tensor([[9, 40, 41, mask_id, mask_id, 50]])
     before = outputs(model, ids)
@@ -138,28 +132,29 @@ def test_adapter_round_trip_with_added_mask_token_is_bit_exact(tmp_path):
     assert loaded.tokenizer.convert_tokens_to_ids("<|new_mask|>") == mask_id
     for a, b in zip(before, outputs(loaded, ids)):
         assert torch.equal(a, b)
-    merged = FluidModel.load(tmp_path / "m", merge=True)
+    merged = load_model(tmp_path / "m", merge=True)
     torch.testing.assert_close(outputs(merged, ids)[0], before[0], atol=1e-5, rtol=1e-5)
 
 
 def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(FluidError, match="model directory not found"):
-        FluidModel.load(tmp_path / "absent")
+    with pytest.raises(FluidError, match="model folder not found"):
+        load_model(tmp_path / "absent")
     tiny_model("llama").save_pretrained(tmp_path / "plain")
-    with pytest.raises(FluidError, match=r"not a FLUID model directory \(no fluid.json\).*--horizon fixed"):
-        FluidModel.load(tmp_path / "plain")
+    with pytest.raises(FluidError, match=r"not a FLUID model folder \(no fluid.json\).*--horizon fixed"):
+        load_model(tmp_path / "plain")
     model = tiny_fluid_model("llama", max_k=4)
-    model.save(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / META_NAME).read_text())
     (tmp_path / "m" / META_NAME).write_text(json.dumps({**meta, "max_k": 8}))
-    with pytest.raises(FluidError, match="K-head does not match the model"):
-        FluidModel.load(tmp_path / "m")
+    with pytest.raises(FluidError, match="K-head weights of another shape"):
+        load_model(tmp_path / "m")
     (tmp_path / "m" / META_NAME).write_text(json.dumps({**meta, "vocab_size": 10_000}))
     with pytest.raises(FluidError, match="does not match its base model"):
-        FluidModel.load(tmp_path / "m")
+        load_model(tmp_path / "m")
     (tmp_path / "m" / META_NAME).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(FluidError, match="newer than this fluid supports"):
-        FluidModel.load(tmp_path / "m")
-    (tmp_path / "m" / META_NAME).write_text(json.dumps({**meta, "weights": "adapter", "base_model": str(tmp_path / "x")}))
-    with pytest.raises(FluidError, match="cannot load a causal LM"):
-        FluidModel.load(tmp_path / "m")
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / META_NAME).write_text(json.dumps({**meta, "weights": "adapter", "lora_scope": "all",
+                                                         "base_model": str(tmp_path / "x")}))
+    with pytest.raises(FluidError, match="weights: says 'adapter', but the folder has no adapter_config.json"):
+        load_model(tmp_path / "m")

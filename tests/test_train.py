@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fluid_cli import launch, train
 from fluid_cli.cli import app
 from fluid_cli.config import load_recipe, load_recipe_text
-from fluid_cli.modeling import META_NAME, FluidModel
+from fluid_cli.folder import META_NAME, load_model
 from fluid_cli.synthetic import arithmetic_rows
 from fluid_cli.tokenizer import build_char_tokenizer
 from tiny import TINY_SCRATCH_RECIPE, tiny_model, tiny_tokenizer
@@ -184,7 +184,7 @@ log_steps = 4
     summary = json.loads((out / train.SUMMARY_NAME).read_text())
     assert summary["steps"] == 24 and summary["ranks_agree"] and summary["peak_rss_mb"] > 0
 
-    model = FluidModel.load(out)
+    model = load_model(out)
     assert model.meta.weights == "full" and model.max_k == 4 and model.meta.base_model is None
     assert model.tokenizer.convert_ids_to_tokens(model.mask_token_id) == "<|mask|>"
     saved = load_file(out / "model.safetensors")
@@ -243,7 +243,7 @@ log_steps = 1
     again = load_file(out / "adapter_model.safetensors")
     assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
 
-    model = FluidModel.load(out)
+    model = load_model(out)
     assert model.meta.weights == "adapter" and model.meta.base_model == str(base.resolve())
     assert model.tokenizer.convert_ids_to_tokens(model.mask_token_id) == "<|new_mask|>"
     assert model.mask_token_id == len(tok)
@@ -280,7 +280,7 @@ num_processes = 2
     first, second = summary["rank_weight_fingerprints"]
     assert first == second and summary["ranks_agree"]
     assert (out / "checkpoints" / "step-00000004" / "layout_rng_1.pt").is_file()
-    FluidModel.load(out)
+    load_model(out)
 
 
 # --------------------------------------------------------------------------------------------- a real model
@@ -362,5 +362,5 @@ save_steps = 1000
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(ar[last]) < mean(ar[first]) + 0.1, ar
     assert mean(diff[last]) < mean(diff[first]) - 0.5, diff
-    model = FluidModel.load(tmp_path / "out")
+    model = load_model(tmp_path / "out")
     assert model.meta.base_model == str(STORIES.resolve()) and model.mask_token_id == 512

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fluid_cli.config import FluidConfig, ScratchModelConfig
+from fluid_cli.config import FluidConfig
+from fluid_cli.hf import build_scratch_model
 from fluid_cli.khead import KHead
-from fluid_cli.modeling import FluidMeta, FluidModel, build_scratch_model
+from fluid_cli.model import FluidMeta, FluidModel
 from fluid_cli.tokenizer import MASK, build_char_tokenizer
 
 # Architectures the invariants are checked on (transformers model_type names).
@@ -37,10 +38,9 @@ def tiny_model(arch: str = "llama", tokenizer=None, hidden: int = 32, layers: in
                attn: str = "sdpa"):
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
-    cfg = ScratchModelConfig(architecture=arch, hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=256)
-    return build_scratch_model(cfg, tokenizer, attn_implementation=attn).eval()
+    return build_scratch_model(tokenizer, architecture=arch, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, attn_implementation=attn).eval()
 
 
 def tiny_fluid_model(arch: str = "llama", max_k: int = 4, seed: int = 0, **kw) -> FluidModel:

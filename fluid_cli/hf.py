@@ -1,0 +1,224 @@
+"""Hugging Face loading: causal LMs, tokenizers, models grown from scratch, the mask token, the device rule.
+
+Plain arguments only (paths, names, numbers): the commands translate their recipe tables into these calls. Every
+failure a user can cause (a wrong path, a folder without weights, a broken tokenizer) is one `FluidError` line
+that names the path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fluid_cli.errors import FluidError
+
+# --------------------------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None): the GPU when there is one, else the CPU; anything else as given (`cuda:1`, `cpu`)."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FluidError(f"device {name}: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """`auto` (or None): bfloat16 on a GPU that has it, float32 elsewhere (and with no device); else the named
+    dtype.
+
+    >>> resolve_dtype("auto", torch.device("cpu")), resolve_dtype("float16", torch.device("cpu"))
+    (torch.float32, torch.float16)
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        bf16 = device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FluidError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path)` with one-line errors (local folder or hub id)."""
+    if path.startswith((".", "/", "~")) or os.path.exists(path):
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            raise FluidError(f"{path}: model folder not found")
+        if not folder.is_dir():
+            raise FluidError(f"{path}: not a folder (a model is a folder with config.json and weights)")
+        if not (folder / "config.json").is_file():
+            raise FluidError(f"{path}: no config.json (not a transformers model folder)")
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as e:  # a truncated or corrupt weight file
+        raise FluidError(f"{path}: corrupt weight file ({_first_line(e)}); re-download or re-save the model") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise FluidError(f"{path}: cannot load a causal LM ({_first_line(e)})") from None
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer in a model folder (or of a hub id), with a one-line error when it cannot be read."""
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for an unreadable folder
+        raise FluidError(f"{name}: cannot load a tokenizer ({_first_line(e)})") from None
+
+
+def build_scratch_model(
+    tokenizer: Any,
+    *,
+    architecture: str = "llama",
+    hidden_size: int = 128,
+    intermediate_size: int = 384,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 4,
+    max_position_embeddings: int = 512,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given architecture (a transformers model_type), sized for
+    `tokenizer`, with tied input and output embeddings."""
+    try:
+        config = AutoConfig.for_model(
+            architecture,
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=hidden_size // num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    except ValueError as e:
+        raise FluidError(f"[model.scratch] architecture: {e}") from None
+    config._attn_implementation = attn_implementation
+    return AutoModelForCausalLM.from_config(config)
+
+
+# --------------------------------------------------------------------------------------------- model facts
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size_of(config: Any) -> int:
+    return int(text_config(config).hidden_size)
+
+
+def context_length(config: Any) -> int | None:
+    """The model's positions (`max_position_embeddings`), if its config names them."""
+    value = getattr(text_config(config), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding (peft may wrap the layer, so read the weight's shape)."""
+    emb = model.get_input_embeddings()
+    weight = emb.base_layer.weight if hasattr(emb, "base_layer") else emb.weight
+    return int(weight.shape[0])
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the generation config's (chat models often end turns with another token)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+# --------------------------------------------------------------------------------------------- the mask token
+
+
+def resolve_mask_token(tokenizer: Any, model: PreTrainedModel, mask_token: str, add: bool = True) -> tuple[int, bool]:
+    """Find `mask_token` in the vocabulary, or add it as a special token and grow the embeddings.
+
+    Returns `(mask_token_id, added)`.
+    """
+    if not mask_token:
+        raise FluidError("[fluid] mask_token: empty; name a reserved token of the vocabulary or a new one to add")
+    vocab = tokenizer.get_vocab()
+    if mask_token in vocab:
+        token_id, added = vocab[mask_token], False
+    elif not add:
+        raise FluidError(
+            f"[fluid] mask_token: {mask_token!r} is not in the tokenizer's vocabulary and "
+            "add_mask_token = false (name an existing reserved token, or allow adding it)"
+        )
+    else:
+        tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
+        token_id, added = tokenizer.convert_tokens_to_ids(mask_token), True
+    if token_id >= embedding_rows(model):
+        model.resize_token_embeddings(len(tokenizer))
+    return int(token_id), added
+
+
+def noise_token_ids(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """Ids that partial-reveal noise may draw: every id below `vocab_size` that is not a special/added token."""
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    keep = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def greedy_generate(lm: PreTrainedModel, ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...] = (),
+                    pad_token_id: int | None = None, suppress: tuple[int, ...] = ()) -> list[int]:
+    """transformers' own greedy decoding (`generate(do_sample=False)`) of one prompt: the reference outputs are
+    compared with. Its config is built here, so sampling or penalties in the model's generation_config.json
+    cannot turn it into something else; `suppress` bans tokens (a draft-only model's mask token, which its base
+    model does not have)."""
+    return greedy_generate_batch(lm, [ids], max_new_tokens, eos_token_ids, pad_token_id, suppress)[0]
+
+
+def greedy_generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int,
+                          eos_token_ids: tuple[int, ...] = (), pad_token_id: int | None = None,
+                          suppress: tuple[int, ...] = (), assistant_model: Any = None, **config: Any
+                          ) -> list[list[int]]:
+    """`greedy_generate` over a left-padded batch; each row's tokens end at its first EOS (generate pads the rows
+    that finished early). `config` adds generation settings (a static cache, prompt-lookup decoding);
+    `assistant_model` runs assisted generation."""
+    from transformers import GenerationConfig
+
+    eos = list(eos_token_ids) or None
+    pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                              suppress_tokens=list(suppress) or None, **config)
+    device = next(lm.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        extra = {"assistant_model": assistant_model} if assistant_model is not None else {}
+        out = lm.generate(input_ids, attention_mask=attention, generation_config=config, **extra)
+    rows = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if eos and t in eos), len(row))
+        rows.append(row[:end])
+    return rows

@@ -1,0 +1,110 @@
+"""Prompts in, token ids out; stop strings as a decoder callback.
+
+Prompts come from `--prompt` (repeatable), a prompt file (one per line, or JSONL rows with `messages` or a text
+field) or stdin, and are encoded through the tokenizer's chat template when it has one and it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fluid_cli.errors import FluidError
+
+PROMPT_FIELDS = ("prompt", "question", "input", "text")  # string fields a JSONL prompt file may use
+
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages
+StopCallback = Callable[[list[int]], int | None]
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: Path | None) -> list[Prompt]:
+    """Prompts from `--prompt` (repeatable), `--prompt-file` (one per line, or JSONL), else all of stdin."""
+    out: list[Prompt] = list(prompts or [])
+    if prompt_file is not None:
+        out += read_prompt_file(prompt_file)
+    if not out:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise FluidError("no prompt: pass --prompt TEXT or --prompt-file FILE, or pipe the prompt on stdin")
+        try:
+            out.append(sys.stdin.buffer.read().decode("utf-8").rstrip("\n"))
+        except UnicodeDecodeError as e:
+            raise FluidError(f"stdin: not UTF-8 text (byte {e.start}); pipe UTF-8 text") from None
+    for n, prompt in enumerate(out, start=1):
+        if isinstance(prompt, str) and not prompt.strip():
+            raise FluidError(f"prompt {n} is empty")
+    return out
+
+
+def read_prompt_file(path: Path) -> list[Prompt]:
+    """One prompt per non-empty line; or JSONL rows with `messages` or one of the `PROMPT_FIELDS`."""
+    if not path.is_file():
+        raise FluidError(f"{path}: prompt file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise FluidError(f"{path}:{line}: not UTF-8 text; save the prompt file as UTF-8") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise FluidError(f"{path}: no prompts in the file")
+    if path.suffix != ".jsonl" and not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    prompts: list[Prompt] = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FluidError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            prompts.append(row["messages"])
+            continue
+        field = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+        if field is None:
+            raise FluidError(f"{path}:{n}: expected a 'messages' list or one of the string fields "
+                             f"{', '.join(PROMPT_FIELDS)}")
+        prompts.append(row[field])
+    return prompts
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool) -> list[int]:
+    """Token ids of a prompt: through the chat template (as a user turn) when it is on and the tokenizer has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, list) and not (chat_template and has_template):
+        raise FluidError("chat messages need the tokenizer's chat template (and --chat-template)")
+    if chat_template and has_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def stop_strings(tokenizer: Any, stops: list[str]) -> StopCallback | None:
+    """The decoder's stop callback for stop strings (kept in the output, as HF generate does).
+
+    The decoder calls it after every token it appends; it returns the number of ids to keep once the text
+    contains a stop string, else None. Only the last few tokens are decoded: a string of `n` UTF-8 bytes spans at
+    most `n` tokens that each write at least one byte; the window is twice that plus two, for tokens that write
+    nothing and for tokenizers that drop a leading space at the start of a decode. So the check costs the same
+    at every length.
+
+        >>> from fluid_cli.tokenizer import build_char_tokenizer
+        >>> tok = build_char_tokenizer()
+        >>> stop = stop_strings(tok, ["Question:"])
+        >>> ids = tok.encode("12\\nQuestion: x")
+        >>> next(n for n in range(1, len(ids) + 1) if stop(ids[:n]) is not None)  # checked token by token
+        12
+    """
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+    window = 2 * max(len(s.encode("utf-8")) for s in stops) + 2
+
+    def stop(ids: list[int]) -> int | None:
+        text = tokenizer.decode(ids[-window:], skip_special_tokens=False)
+        return len(ids) if any(s in text for s in stops) else None
+
+    return stop
