@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fluid_cli.config import KHeadConfig, Recipe
+from fluid_cli.data import load_prepared
 from fluid_cli.errors import FluidError
 from fluid_cli.io import write_json_atomic
 from fluid_cli.folder import KHEAD_NAME, load_model, read_meta, save_khead
@@ -309,27 +310,6 @@ def parse_taus(text: str) -> list[float]:
         raise FluidError(f"--tau {text}: expected a number or a list, e.g. 2.8 or 2.0,2.8,3.5") from None
 
 
-def load_rows(path: str | Path) -> Any:
-    """The `train` split of a dataset written by `fluid prepare-data` (columns `input_ids`, `labels`)."""
-    import datasets
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FluidError(f"{path}: prepared dataset not found (run `fluid prepare-data`, or set [khead] dataset)")
-    try:
-        data = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise FluidError(f"{path}: not a dataset written by `fluid prepare-data` ({e})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise FluidError(f"{path}: the dataset has no 'train' split (splits: {', '.join(data)})")
-        data = data["train"]
-    missing = {"input_ids", "labels"} - set(data.column_names)
-    if missing:
-        raise FluidError(f"{path}: the dataset lacks column(s) {', '.join(sorted(missing))}")
-    return data.select_columns(["input_ids", "labels"])
-
-
 def split_examples(n: int, holdout: float, seed: int, max_examples: int | None) -> tuple[list[int], list[int]]:
     """Shuffle example indices, keep at most `max_examples`, and hold out a `holdout` fraction of them.
 
@@ -412,7 +392,7 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
     meta = read_meta(model_dir)
     _check(cfg, meta, model_dir)
     data_path = kc.dataset or cfg.data.output_dir
-    data = load_rows(data_path)
+    data = load_prepared(data_path, hint="run `fluid prepare-data`, or set [khead] dataset")
     splits = dict(zip(("train", "holdout"), split_examples(len(data), kc.holdout, kc.seed, kc.max_examples)))
 
     from accelerate import Accelerator

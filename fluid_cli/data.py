@@ -89,6 +89,30 @@ def validation_size(validation: float, n: int, where: str) -> int:
 # --------------------------------------------------------------------------------------------- the command
 
 
+def load_prepared(path: str | Path, split: str = "train", hint: str = "run `fluid prepare-data` first") -> Any:
+    """The `split` of a dataset written by `prepare-data` (columns `input_ids`, `labels`), memory-mapped: what
+    training, calibration and self-distillation read. `hint` says how to get one."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FluidError(f"{path}: prepared dataset not found ({hint})")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise FluidError(f"{path}: not a dataset written by `fluid prepare-data` ({e})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise FluidError(f"{path}: the dataset has no {split!r} split (splits: {', '.join(data)})")
+        data = data[split]
+    missing = {"input_ids", "labels"} - set(data.column_names)
+    if missing:
+        raise FluidError(f"{path}: the {split} split lacks column(s) {', '.join(sorted(missing))}")
+    if len(data) == 0:
+        raise FluidError(f"{path}: the {split} split is empty")
+    return data.select_columns(["input_ids", "labels"])
+
+
 def run(cfg: Recipe, overwrite: bool = False) -> dict:
     """Prepare the recipe's `[data]` into `[data] output_dir`; returns the statistics saved as `stats.json`."""
     from fluid_cli.backbone import recipe_tokenizer

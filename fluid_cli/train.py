@@ -2,9 +2,9 @@
 
     fluid train-stage1 recipes/tiny-stage1.toml [--set train.max_steps=50] [--resume]
 
-`run` reads top to bottom:
+`run` is three steps, `setup` (1-3), `loop` (4-5) and `save_final` (6), each reading top to bottom:
 
-1. check the inputs (dataset folder, output folder, resume point) before anything heavy happens;
+1. check the inputs (dataset folder, output folder, resume point) before anything heavy happens (`preflight`);
 2. build the model: a pretrained causal LM (`[model] path`) or one grown from scratch (`[model.scratch]`), the
    mask token (reused or added), LoRA (`[lora]`) or full fine-tuning, and an untrained K-head;
 3. cut the prepared dataset into steps: every epoch is a seeded permutation of the rows, each optimizer step
@@ -14,8 +14,8 @@
    gradient clipping;
 5. every `log_steps` append the window's means to `metrics.jsonl`; every `save_steps` write a checkpoint
    (trainable weights, optimizer, scheduler, every RNG including the layout generator, data position);
-6. write the FLUID model directory (`FluidModel.save`, `fluid.json` last), `train-summary.json` and
-   `fluid-config.toml` into `[train] output_dir`.
+6. write the FLUID model folder (`folder.save_model`, which replaces a previous model in one journaled step),
+   `train-summary.json` and `fluid-config.toml` into `[train] output_dir`.
 
 Everything that decides a step (data order, layout draws, dropout) is a function of the seed and the step, and
 all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's losses exactly (CPU, fp32).
@@ -46,6 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from fluid_cli.backbone import model_reference, recipe_lm, recipe_tokenizer
 from fluid_cli.config import FluidConfig, Recipe
+from fluid_cli.data import load_prepared
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import META_NAME, save_model
 from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token
@@ -100,26 +101,6 @@ def preflight(cfg: Recipe, resume: bool) -> None:
             f"[train] output_dir: {out} already holds a run; pass --resume to continue it, "
             "or remove it / choose another output_dir"
         )
-
-
-def load_train_split(cfg: Recipe) -> Any:
-    """The `train` split of the prepared dataset (columns `input_ids`, `labels`)."""
-    from datasets import DatasetDict, load_from_disk
-
-    path = dataset_dir(cfg)
-    try:
-        data = load_from_disk(str(path))
-    except FileNotFoundError:
-        raise FluidError(f"{path}: not a dataset saved by `fluid prepare-data` (no dataset_dict.json)") from None
-    if not isinstance(data, DatasetDict) or "train" not in data:
-        raise FluidError(f"{path}: expected a DatasetDict with a 'train' split (as `fluid prepare-data` writes)")
-    train = data["train"]
-    missing = {"input_ids", "labels"} - set(train.column_names)
-    if missing:
-        raise FluidError(f"{path}: the train split lacks column(s) {', '.join(sorted(missing))}")
-    if len(train) == 0:
-        raise FluidError(f"{path}: the train split is empty")
-    return train.select_columns(["input_ids", "labels"])
 
 
 def dataset_tokenizer(cfg: Recipe) -> Any | None:
@@ -424,19 +405,53 @@ def make_accelerator(cfg: Recipe) -> Accelerator:
     )
 
 
+@dataclass
+class Run:
+    """Everything the loop needs, built by `setup`."""
+
+    cfg: Recipe
+    acc: Accelerator
+    fluid: FluidModel
+    objective: nn.Module  # the accelerate-prepared `Stage1Objective`
+    optimizer: Any
+    scheduler: Any
+    sched: Schedule
+    train: Any  # the prepared dataset's train split
+    layout_rng: torch.Generator
+    run_state: dict[str, Any]  # what a checkpoint must agree on to be resumed
+    start: int  # the step the run continues after (0: a new run)
+    pad_id: int
+    noise_ids: torch.Tensor
+    use_cache: bool  # the model config's own setting, restored for the saved model
+    metrics: MetricsLog
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
 def run(cfg: Recipe, resume: bool = False) -> Path:
-    """Train Stage I as the recipe says and write the FLUID model directory; returns its path."""
+    """Train Stage I as the recipe says and write the FLUID model folder; returns its path."""
     preflight(cfg, resume)
+    state = setup(cfg, resume)
+    totals, last = loop(state)
+    save_final(state, totals, last)
+    if cfg.train.tensorboard:
+        state.acc.end_training()
+    return state.out
+
+
+def setup(cfg: Recipe, resume: bool) -> Run:
+    """The accelerator, model, optimizer, schedule and data order; restored from the newest checkpoint when
+    resuming. The output folder gets the resolved recipe."""
     hf_logging.disable_progress_bar()  # the loop has its own progress display
     out = Path(cfg.train.output_dir)
     acc = make_accelerator(cfg)
-    main = acc.is_main_process
     set_seed(cfg.train.seed)  # identical initialisation (LoRA, scratch weights, new token rows) on every rank
-    train = load_train_split(cfg)
+    train = load_prepared(dataset_dir(cfg))
     fluid = build_model(cfg)
     tokenizer = fluid.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is never attended
-    noise_ids = noise_token_ids(tokenizer, fluid.meta.vocab_size)
     use_cache = fluid.lm.config.use_cache
     fluid.lm.config.use_cache = False  # no KV cache while training
 
@@ -454,9 +469,8 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
     layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
     run_state = {"world_size": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                  "seed": t.seed, "lora_scope": fluid.meta.lora_scope}
-
     start = load_checkpoint(acc, latest_checkpoint(out), layout_rng, run_state) if resume else 0
-    if main:
+    if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
         trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -464,33 +478,40 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
             f"stage 1: {len(train)} rows, {sched.total_steps} steps of {t.batch_size} x {t.grad_accum} x "
             f"{acc.num_processes} rows, {trainable:,} trainable parameters, {acc.device}, "
             f"{'fp32' if acc.mixed_precision == 'no' else acc.mixed_precision}"
+            + (f", lora scope {fluid.meta.lora_scope}" if fluid.meta.lora_scope else "")
             + (f", resuming after step {start}" if start else "")
         )
-    metrics = MetricsLog(out / METRICS_NAME, start, enabled=main)
+    metrics = MetricsLog(out / METRICS_NAME, start, enabled=acc.is_main_process)
     if t.tensorboard:
         acc.init_trackers("stage1")
+    return Run(cfg, acc, fluid, objective, optimizer, scheduler, sched, train, layout_rng, run_state, start, pad_id,
+               noise_token_ids(tokenizer, fluid.meta.vocab_size), use_cache, metrics)
 
-    objective.train()
-    batches = micro_batches(train, sched, start * t.grad_accum, t.batch_size, acc.process_index,
+
+def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """The optimizer steps from `r.start + 1` to the end: returns the run's totals and the last logged record."""
+    cfg, acc, t, sched = r.cfg, r.acc, r.cfg.train, r.sched
+    r.objective.train()
+    batches = micro_batches(r.train, sched, r.start * t.grad_accum, t.batch_size, acc.process_index,
                             acc.num_processes, t.seed)
     window, totals = Window(acc.device), {"tokens": 0, "expanded_tokens": 0, "seconds": 0.0}
     last: dict[str, Any] = {}
     grad_norm = None
-    with progress_bar(main) as progress:
-        task = progress.add_task("stage 1", total=sched.total_steps, completed=start, rate="", stats="")
-        for step in range(start + 1, sched.total_steps + 1):
-            lr = optimizer.param_groups[0]["lr"]
+    with progress_bar(acc.is_main_process) as progress:
+        task = progress.add_task("stage 1", total=sched.total_steps, completed=r.start, rate="", stats="")
+        for step in range(r.start + 1, sched.total_steps + 1):
+            lr = r.optimizer.param_groups[0]["lr"]
             for _ in range(t.grad_accum):
-                ex = expand(next(batches), cfg, fluid.meta, pad_id, noise_ids, layout_rng)
-                with acc.accumulate(objective):
-                    loss = objective(ex.to(acc.device))
+                ex = expand(next(batches), cfg, r.fluid.meta, r.pad_id, r.noise_ids, r.layout_rng)
+                with acc.accumulate(r.objective):
+                    loss = r.objective(ex.to(acc.device))
                     acc.backward(loss.loss)
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(objective.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                        grad_norm = acc.clip_grad_norm_(r.objective.parameters(), t.max_grad_norm)
+                    r.optimizer.step()
+                    r.optimizer.zero_grad()
                 window.add(loss, ex)
-            scheduler.step()
+            r.scheduler.step()
             window.steps += 1
 
             if step % t.log_steps == 0 or step == sched.total_steps:
@@ -502,7 +523,7 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
                         "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                         "tokens_per_s": stats["tokens_per_s"], "expanded_tokens_per_s": stats["expanded_tokens_per_s"],
                         "steps_per_s": stats["steps_per_s"]}
-                metrics.write(last)
+                r.metrics.write(last)
                 if t.tensorboard:
                     acc.log({k: v for k, v in last.items() if k != "step" and v is not None}, step=step)
                 progress.update(task, rate=f"{stats['steps_per_s']:.2f} steps/s, {stats['tokens_per_s']:,.0f} tok/s "
@@ -512,19 +533,15 @@ def run(cfg: Recipe, resume: bool = False) -> Path:
                 window = Window(acc.device)
             progress.update(task, completed=step)
             if step % t.save_steps == 0:
-                save_checkpoint(acc, out, step, layout_rng, {**run_state, "step": step,
+                save_checkpoint(acc, r.out, step, r.layout_rng, {**r.run_state, "step": step,
                                 "micro_batches": step * t.grad_accum, "total_steps": sched.total_steps},
                                 t.save_total_limit)
-
-    save_final(acc, objective, fluid, out, use_cache, start, sched, totals, last)
-    if t.tensorboard:
-        acc.end_training()
-    return out
+    return totals, last
 
 
-def save_final(acc: Accelerator, objective: nn.Module, fluid: FluidModel, out: Path, use_cache: bool, start: int,
-               sched: Schedule, totals: dict, last: dict) -> None:
-    """Write the FLUID model directory and `train-summary.json` (main process; every rank joins the gathers)."""
+def save_final(r: Run, totals: dict, last: dict) -> None:
+    """Write the FLUID model folder and `train-summary.json` (main process; every rank joins the gathers)."""
+    acc, objective, fluid, out, sched = r.acc, r.objective, r.fluid, r.out, r.sched
     fingerprint = acc.gather(weight_fingerprint(objective, acc.device).unsqueeze(0)).tolist()
     # FSDP shards the weights: gather them into one state dict; the other setups hold them whole already.
     state = None
@@ -535,10 +552,10 @@ def save_final(acc: Accelerator, objective: nn.Module, fluid: FluidModel, out: P
                                       torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0]],
                                     device=acc.device)).amax(0).tolist()
     if acc.is_main_process:
-        fluid.lm.config.use_cache = use_cache
+        fluid.lm.config.use_cache = r.use_cache
         save_model(fluid, out, state_dict=state)
         seconds = totals["seconds"]
-        steps = sched.total_steps - start
+        steps = sched.total_steps - r.start
         same = acc.distributed_type == DistributedType.FSDP or all(f == fingerprint[0] for f in fingerprint)
         summary = {
             "steps": sched.total_steps, "steps_this_run": steps, "world_size": acc.num_processes,
