@@ -75,7 +75,9 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    path: str  # file, glob, save_to_disk folder, hub dataset name, or "synthetic:arithmetic"
+    # file, glob, save_to_disk folder, hub dataset name, "synthetic:arithmetic", or "self": prompts sampled from the
+    # model itself (num_samples prefixes from BOS of prefix_tokens = [min, max] tokens), for [data.regenerate]
+    path: str
     # None = "messages" for data, "prompt_response" (question -> prompt, answer -> response) for synthetic sources
     format: Literal["messages", "sharegpt", "alpaca", "prompt_response", "text"] | None = None
     columns: dict[str, str] = field(default_factory=dict)  # role -> column name, e.g. {prompt="question"}
@@ -87,6 +89,24 @@ class DataSource:
     # lm-eval's GSM8K layout "Question: {question}\nAnswer:" / " {answer}".
     prompt_format: str | None = None
     response_format: str | None = None
+    prefix_tokens: list[int] | None = None  # path = "self": [min, max] length of the sampled prompt prefixes
+
+
+@dataclass
+class RegenerateConfig:
+    """`[data.regenerate]`: self-distillation. Every row's trained part (the response, or the last assistant turn) is
+    replaced by a model's own continuation of the row's prompt, its token ids kept exactly as generated."""
+
+    model: str | None = None  # the model that continues the prompts (default: [model] path)
+    mode: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0  # mode = "sample"
+    max_new_tokens: int = 256
+    batch_size: int = 32  # prompts generated together (left-padded, with the KV cache)
+    num_proc: int = 1  # processes generating at once (CPU); each loads the model
+    seed: int = 0  # sampling, and the prompts of a "self" source
+    backend: Literal["transformers"] = "transformers"  # generate() of transformers
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass
@@ -100,6 +120,7 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     skip_bad_rows: bool = False
+    regenerate: RegenerateConfig | None = None  # self-distillation of the trained parts (see RegenerateConfig)
 
 
 @dataclass
