@@ -32,9 +32,9 @@ from rich.table import Table
 from fluid_cli.config import Recipe
 from fluid_cli.decode import Decoder, DecodeSettings, Request, ar_settings, generation_budget
 from fluid_cli.errors import FluidError
-from fluid_cli.hf import greedy_generate_batch, load_causal_lm
+from fluid_cli.hf import generate_batch, load_causal_lm
 from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
-from fluid_cli.io import write_json_atomic
+from fluid_cli.io import check_output_file, write_json_atomic
 from fluid_cli.model import FluidModel
 from fluid_cli.prompts import Prompt, encode_prompt
 
@@ -103,7 +103,7 @@ class _Runners:
         self.decoders: dict[int, tuple[Decoder, Decoder]] = {}
 
     def hf(self, prompts: list[list[int]], max_new: int, **kwargs: Any) -> list[list[int]]:
-        return greedy_generate_batch(self.model.lm, prompts, max_new, self.eos, self.pad, self.suppress, **kwargs)
+        return generate_batch(self.model.lm, prompts, max_new, self.eos, self.pad, self.suppress, **kwargs)
 
     def __call__(self, name: str, prompts: list[list[int]], batch_size: int, max_new: int) -> list[list[int]]:
         if name in ("ar", "fluid"):
@@ -144,8 +144,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, output: Path | None = None, li
         raise FluidError(f"--decoders {','.join(unknown)}: unknown (choose from {', '.join(DECODERS)})")
     if "assisted" in names and not draft_model:
         raise FluidError("--decoders assisted needs --draft-model DIR (a small model with the same tokenizer)")
-    if output is not None and output.exists() and not overwrite:
-        raise FluidError(f"{output}: exists; pass --overwrite to replace it")
+    if output is not None:  # before any work: a report that cannot be written would waste the whole run
+        check_output_file(output, "--output", overwrite)
     cfg = generate_config(recipe)
     model = load_decoding_model(cfg)
     device = model.device

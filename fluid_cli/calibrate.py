@@ -16,9 +16,9 @@ prediction at decode time, so one fitted head serves every `tau`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,10 +34,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from fluid_cli.config import KHeadConfig, Recipe
+from fluid_cli.config import KHeadConfig, Recipe, dump_recipe
 from fluid_cli.data import load_prepared
 from fluid_cli.errors import FluidError
-from fluid_cli.io import write_json_atomic
+from fluid_cli.io import check_output_dir, disk_full_is_an_error, output_lock, staging_dir
 from fluid_cli.folder import KHEAD_NAME, load_model, read_meta, save_khead
 from fluid_cli.hf import hidden_size_of, resolve_dtype
 from fluid_cli.khead import (
@@ -52,6 +52,9 @@ from fluid_cli.layout import IGNORE, MASK_SLOT, ExpandedBatch, build_expanded_ba
 from fluid_cli.model import FluidMeta, FluidModel
 
 REPORT_NAME = "calibration.json"
+CONFIG_NAME = "calibration-config.toml"
+SPILL_PREFIX = ".calibrate."
+MODEL_KEY = "[khead] model_dir"
 LOGIT_CHUNK = 4096  # slots per LM-head call: bounds the [slots, vocab] logits for large vocabularies
 
 
@@ -339,23 +342,8 @@ def _row_batches(data: Any, indices: list[int], batch_size: int, cutoff_len: int
 
 
 def _check(cfg: Recipe, meta: FluidMeta, model_dir: Path) -> None:
-    kc, where = cfg.khead, cfg.source or "recipe"
-    if not 0 < kc.tau < math.inf:
-        raise FluidError(f"{where}: [khead] tau = {kc.tau:g}: tau must be a positive number of nats (e.g. 2.8)")
-    checks = [
-        (kc.sigma > 0, f"[khead] sigma = {kc.sigma}: must be > 0"),
-        (kc.steps >= 1, f"[khead] steps = {kc.steps}: must be >= 1"),
-        (kc.lr > 0, f"[khead] lr = {kc.lr}: must be > 0"),
-        (kc.batch_size >= 1, f"[khead] batch_size = {kc.batch_size}: must be >= 1"),
-        (kc.collect_batch_size >= 1, f"[khead] collect_batch_size = {kc.collect_batch_size}: must be >= 1"),
-        (kc.cutoff_len >= 2, f"[khead] cutoff_len = {kc.cutoff_len}: must be >= 2"),
-        (0 < kc.holdout < 1, f"[khead] holdout = {kc.holdout}: must be a fraction between 0 and 1"),
-        (kc.max_examples is None or kc.max_examples >= 2, f"[khead] max_examples = {kc.max_examples}: must be >= 2"),
-        (kc.max_memory_mb >= 0, f"[khead] max_memory_mb = {kc.max_memory_mb}: must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise FluidError(f"{where}: {message}")
+    """What the recipe must agree on with the model (its own values were checked when it was loaded)."""
+    where = cfg.source or "recipe"
     if cfg.fluid.max_k != meta.max_k:
         raise FluidError(
             f"{where}: [fluid] max_k = {cfg.fluid.max_k} but the model in {model_dir} has K = {meta.max_k} "
@@ -391,6 +379,13 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
     model_dir = Path(kc.model_dir or cfg.train.output_dir)
     meta = read_meta(model_dir)
     _check(cfg, meta, model_dir)
+    check_output_dir(model_dir, MODEL_KEY)
+    with output_lock(model_dir, MODEL_KEY), disk_full_is_an_error(model_dir):
+        return _calibrate(cfg, taus, model_dir, meta)
+
+
+def _calibrate(cfg: Recipe, taus: list[float] | None, model_dir: Path, meta: FluidMeta) -> dict[str, Any]:
+    kc = cfg.khead
     data_path = kc.dataset or cfg.data.output_dir
     data = load_prepared(data_path, hint="run `fluid prepare-data`, or set [khead] dataset")
     splits = dict(zip(("train", "holdout"), split_examples(len(data), kc.holdout, kc.seed, kc.max_examples)))
@@ -412,10 +407,11 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
         "sigma": kc.sigma, "steps": kc.steps, "lr": kc.lr, "batch_size": kc.batch_size, "saved_tau": kc.tau,
         "examples": {name: len(idx) for name, idx in splits.items()}, "storage": {},
     }
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibrate.") as tmp, \
-            _progress(Console(stderr=True)) as progress:
+    # The pairs that spill past max_memory_mb go to a hidden folder in the model folder (removed afterwards, on
+    # SIGINT too, and by the next calibration after a kill).
+    with staging_dir(model_dir, SPILL_PREFIX) as tmp, _progress(Console(stderr=True)) as progress:
         start = time.perf_counter()
-        pairs = _collect_splits(cfg, model, data, splits, Path(tmp), progress, report["storage"])
+        pairs = _collect_splits(cfg, model, data, splits, tmp, progress, report["storage"])
         report["collect_s"] = time.perf_counter() - start
         report["pairs"] = {name: len(p) for name, p in pairs.items()}
         report["slot_loss"] = pairs["holdout"].slot_loss()
@@ -434,9 +430,9 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
         steps=kc.steps, lr=kc.lr,
         data={"path": str(data_path), "pairs": report["pairs"]["train"], "holdout_pairs": report["pairs"]["holdout"]},
     )
-    write_json_atomic(model_dir / REPORT_NAME, report)
-    cfg.save(model_dir, name="calibration-config.toml")  # the Stage I recipe stays beside it
-    save_khead(model, model_dir)  # the K-head and fluid.json replace the old ones together
+    # The K-head, fluid.json, the report and the recipe replace the old ones together (the Stage I recipe stays).
+    save_khead(model, model_dir, {REPORT_NAME: json.dumps(report, indent=2) + "\n",
+                                  CONFIG_NAME: dump_recipe(cfg)})
     _print_report(Console(), report)
     return report
 

@@ -5,8 +5,10 @@ Heavy imports (torch, transformers) happen inside the commands so that `fluid --
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,11 +39,19 @@ SetOpt = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a `FluidError` into one red line on stderr and exit status 2 (no traceback)."""
+    """Turn a `FluidError` into one red line on stderr and exit status 2 (no traceback); so too a closed pipe on
+    stdout (`fluid generate | head -1`), whose reader is gone."""
     try:
         yield
     except FluidError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at nothing first.
+        with suppress(OSError, ValueError):  # a stdout without a file descriptor has nothing to flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        err_console.print("[bold red]error:[/] stdout was closed before the output was written (the reading end of "
+                          "the pipe exited)")
         raise typer.Exit(2) from None
 
 
@@ -60,23 +70,30 @@ def _root(
     """FLUID toolkit."""
 
 
-def _recipe_with_flags(recipe: Optional[Path], set_: Optional[list[str]], flags: dict[str, object]):
-    """The recipe (or the defaults) with `--set`, then the command's flags as `table.key` overrides: flags win,
-    and are validated like any recipe value. Flags left unset (None) change nothing."""
-    import json
+def _recipe_with_flags(recipe: Optional[Path], set_: Optional[list[str]], flags: dict[str, tuple[str, object]]):
+    """The recipe (or the defaults) with `--set`, then the command's flags (`{"--tau": ("generate.tau", value)}`):
+    flags win, are validated like any recipe value, and an error in one names the flag. Flags left unset (None)
+    change nothing."""
+    from fluid_cli.config import Flag, load_recipe, load_recipe_text
 
-    from fluid_cli.config import load_recipe, load_recipe_text
+    def plain(value: object) -> object:
+        return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
 
-    def toml(value: object) -> str:  # JSON scalars, strings and arrays are valid TOML values
-        value = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
-        return json.dumps(value)
+    def text(flag: str, value: object) -> str:
+        if isinstance(value, bool):  # an on/off flag: its name says it
+            return flag
+        shown = value if isinstance(value, list) else [value]
+        return " ".join(f"{flag} {f'{v:g}' if isinstance(v, float) else v}" for v in shown)
 
-    overrides = [*(set_ or []), *(f"{k}={toml(v)}" for k, v in flags.items() if v is not None)]
-    return load_recipe(recipe, overrides) if recipe else load_recipe_text("", overrides)
+    given = [Flag(key, plain(value), text(flag, plain(value))) for flag, (key, value) in flags.items()
+             if value is not None]
+    return load_recipe(recipe, set_, given) if recipe else load_recipe_text("", set_, flags=given)
 
 
-def _generate_flags(**flags: object) -> dict[str, object]:
-    return {f"generate.{k}": v for k, v in flags.items()}
+def _generate_flags(**flags: object) -> dict[str, tuple[str, object]]:
+    """The `[generate]` flags shared by `fluid generate` and `fluid bench decode`, by their keys."""
+    names = {"model_dir": "--model", "verify": "--no-verify", "compile": "--compile"}
+    return {names.get(k, "--" + k.replace("_", "-")): (f"generate.{k}", v) for k, v in flags.items()}
 
 
 @app.command("recipe")
@@ -99,9 +116,12 @@ def prepare_data(
     """Tokenize the \\[data] sources into a prompt-masked training set at \\[data] output_dir."""
     from fluid_cli import data
     from fluid_cli.config import load_recipe
+    from fluid_cli.io import disk_full_is_an_error
 
     with user_errors():
-        data.run(load_recipe(recipe, set_), overwrite=overwrite)
+        cfg = load_recipe(recipe, set_)
+        with disk_full_is_an_error(cfg.data.output_dir, "the partial output was removed (the previous one is kept)"):
+            data.run(cfg, overwrite=overwrite)
 
 
 @app.command("train-stage1")
@@ -189,6 +209,8 @@ def eval_(
     compile_: Annotated[bool, typer.Option("--compile", help="Fixed-shape decode steps through torch.compile.")] = False,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (\\[eval], \\[generate]).",
                                                    show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in the output "
+                                            "folder.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Benchmark a model through lm-evaluation-harness: accuracy, tokens per forward, tokens/s (AR vs FLUID)."""
@@ -196,13 +218,16 @@ def eval_(
         from fluid_cli import evaluate
 
         cfg = _recipe_with_flags(recipe, set_, {
-            "eval.tasks": tasks or None, "eval.model_dir": model, "eval.limit": limit,
-            "eval.num_fewshot": num_fewshot, "eval.decoder": decoder, "eval.data_dir": data_dir,
-            "eval.output_dir": output_dir, "eval.apply_chat_template": apply_chat_template or None,
-            "eval.allow_code_execution": allow_code_execution or None, "generate.tau": tau,
-            "generate.threshold": threshold, "eval.batch_size": batch_size, "generate.compile": compile_ or None,
+            "TASK": ("eval.tasks", tasks or None), "--model": ("eval.model_dir", model),
+            "--limit": ("eval.limit", limit), "--num-fewshot": ("eval.num_fewshot", num_fewshot),
+            "--decoder": ("eval.decoder", decoder), "--data-dir": ("eval.data_dir", data_dir),
+            "--output-dir": ("eval.output_dir", output_dir),
+            "--apply-chat-template": ("eval.apply_chat_template", apply_chat_template or None),
+            "--allow-code-execution": ("eval.allow_code_execution", allow_code_execution or None),
+            "--tau": ("generate.tau", tau), "--threshold": ("generate.threshold", threshold),
+            "--batch-size": ("eval.batch_size", batch_size), "--compile": ("generate.compile", compile_ or None),
         })
-        evaluate.run(cfg)
+        evaluate.run(cfg, overwrite=overwrite)
 
 
 # -- decoding: `fluid generate` and `fluid bench decode` share the [generate] flags ----------------------------
@@ -280,8 +305,10 @@ def generate(
     """Decode prompts with elastic horizons, streaming each committed block in alternating shades."""
     with user_errors():
         from fluid_cli import generate as gen
+        from fluid_cli.io import require_stdout
         from fluid_cli.prompts import read_prompts
 
+        require_stdout("the results" if json_output else "the generated text")
         cfg = _recipe_with_flags(recipe, set_, _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, stop=stop or None,
@@ -331,8 +358,11 @@ def bench_decode(
     forward, identical outputs, per batch size."""
     with user_errors():
         from fluid_cli import bench
+        from fluid_cli.io import require_stdout
         from fluid_cli.prompts import read_prompts
 
+        if json_output:
+            require_stdout("the JSON report")
         cfg = _recipe_with_flags(recipe, set_, _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token,

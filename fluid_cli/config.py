@@ -3,7 +3,10 @@
 A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`,
 `[generate]`, `[eval]` and `[launch]`; every table and key is optional and has a default. Loading checks every
 key against the dataclasses below: an unknown key or a value of the wrong type is a `FluidError` that names the
-file, the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``.
+file, the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every
+value is checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7:
+[train] lr: must be greater than 0, got 0.0``. A value that came from `--set` (or from a command's flag) is named
+by that argument instead of a recipe line: ``--set train.lr=fast: [train] lr: expected a float, got 'fast'``.
 
 Dotted overrides from the command line are applied before validation::
 
@@ -17,10 +20,13 @@ Relative paths in a recipe are relative to the current working folder, as for an
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import re
 import sys
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -260,23 +266,44 @@ class Recipe:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a TOML recipe file, applying `--set key.path=value` overrides."""
+@dataclass
+class Flag:
+    """A command's flag that sets a recipe key (`--tau 2.8` sets `generate.tau`): applied after `--set`, its value
+    taken as given, and named by `text` in errors."""
+
+    key: str  # dotted key path, e.g. "generate.tau"
+    value: Any
+    text: str  # the flag as the user gave it, e.g. "--tau 2.8"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, flags: list[Flag] | None = None) -> Recipe:
+    """Load and validate a TOML recipe file, applying `--set key.path=value` overrides, then `flags`."""
     path = Path(path)
     if not path.is_file():
-        raise FluidError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    return load_recipe_text(text, overrides, file=str(path))
+        raise FluidError(f"{path}: recipe file not found" if not path.is_dir() else
+                         f"{path}: a folder, not a recipe file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise FluidError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    return load_recipe_text(text, overrides, file=str(path), flags=flags)
 
 
-def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = "<recipe>") -> Recipe:
+def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = "<recipe>",
+                     flags: list[Flag] | None = None) -> Recipe:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FluidError(f"{file}: invalid TOML: {e}") from None
+    where = _Where(file, text)
     for item in overrides or []:
-        _apply_override(raw, item)
-    recipe = build_typed(Recipe, raw, (), _Where(file, text))
+        where.origins[_apply_override(raw, item)] = f"--set {item}"
+    for flag in flags or []:
+        where.origins[_set_key(raw, flag.key, flag.value, flag.text)] = flag.text
+    recipe = build_typed(Recipe, raw, (), where)
+    validate(recipe, where)
     recipe.source = None if file == "<recipe>" else file
     return recipe
 
@@ -308,8 +335,9 @@ def _strip_none(obj: Any) -> Any:
     return obj
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    """Apply one `a.b.c=value` override; the value is parsed as TOML, else taken as a plain string."""
+def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
+    """Apply one `a.b.c=value` override (the value parsed as TOML, else taken as a plain string); returns the key
+    path it set."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -318,52 +346,75 @@ def _apply_override(raw: dict, item: str) -> None:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+    return _set_key(raw, key, parsed, f"--set {item}")
+
+
+def _set_key(raw: dict, key: str, value: Any, origin: str) -> tuple[str, ...]:
     node = raw
-    parts = key.split(".")
+    parts = tuple(key.split("."))
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise FluidError(f"--set {item!r}: {part!r} is not a table")
+            raise FluidError(f"{origin}: {part!r} is not a table")
         node = child
-    node[parts[-1]] = parsed
+    node[parts[-1]] = value
+    return parts
 
 
 @dataclass
 class _Where:
-    """Where a key sits, for error messages: the file name and, when it can be found, the line."""
+    """Where a key sits, for error messages: the file name and, when it can be found, the line; or the `--set`
+    argument or flag that gave it its value (`origins`: key path -> argument)."""
 
     file: str
     text: str
+    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     def line_of(self, keypath: tuple[str | int, ...]) -> int | None:
-        # tomllib keeps no positions; find the key's line inside its table header's section instead.
+        # tomllib keeps no positions; find the key's line inside its table header's section instead. An index
+        # into an array of tables ([[data.sources]]) picks that table's n-th header.
         names = [k for k in keypath if isinstance(k, str)]
         if not names:
             return None
         key, table = names[-1], names[:-1]
+        index = next((k for k in keypath if isinstance(k, int)), 0)
+        seen = 0  # headers of `table` met so far
         in_table = not table
         key_re = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
         dotted_re = re.compile(rf"^\s*{re.escape('.'.join(names))}\s*=")
         for n, line in enumerate(self.text.splitlines(), start=1):
             header = re.match(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?", line)
             if header:
-                if header.group(1).split(".") == names:
+                parts = header.group(1).split(".")
+                if parts == names:
                     return n
-                in_table = header.group(1).split(".") == table
+                if parts == table:
+                    seen += 1
+                in_table = parts == table and seen == index + 1
                 continue
             if (in_table and key_re.match(line)) or dotted_re.match(line):
                 return n
         return None
 
+    def origin(self, keypath: tuple[str | int, ...]) -> str | None:
+        """The command-line argument that set `keypath` (or a table holding it), if one did."""
+        names = tuple(k for k in keypath if isinstance(k, str))
+        return next((self.origins[names[:n]] for n in range(len(names), 0, -1) if names[:n] in self.origins), None)
+
     def error(self, keypath: tuple[str | int, ...], message: str) -> FluidError:
-        line = self.line_of(keypath)
-        loc = f"{self.file}:{line}" if line else self.file
+        loc = self.origin(keypath)
+        if loc is None:
+            line = self.line_of(keypath)
+            loc = f"{self.file}:{line}" if line else self.file
         return FluidError(f"{loc}: {_format_keypath(keypath)}: {message}")
 
 
 def _format_keypath(keypath: tuple[str | int, ...]) -> str:
+    """How the recipe spells a key: `[model.scratch] hidden_size`, `[data] sources[0] path`."""
     if not keypath:
         return "recipe"
+    if len(keypath) > 1 and all(isinstance(k, str) for k in keypath):
+        return f"[{'.'.join(keypath[:-1])}] {keypath[-1]}"
     head, *rest = keypath
     out = f"[{head}]"
     for part in rest:
@@ -448,3 +499,181 @@ def build_typed(tp: Any, value: Any, keypath: tuple[str | int, ...], where: Any)
     if not isinstance(value, tp):
         raise where.error(keypath, f"expected {_type_name(tp)}, got {value!r}")
     return value
+
+
+# --------------------------------------------------------------------------------------------- ranges and consistency
+
+# The largest horizon a recipe may ask for: blocks of K mask slots grow a training sequence to about
+# `cutoff_len * (1 + p_anchor * K)` positions, with a dense attention mask over them.
+MAX_K = 128
+# The attention mask of one training batch may take at most this much memory (bytes, estimated before any work).
+MAX_MASK_BYTES = 32 << 30
+# A source's rows, at most; synthetic rows are generated in memory, so they get a lower bound.
+MAX_SAMPLES = 100_000_000
+MAX_SYNTHETIC_SAMPLES = 1_000_000
+
+Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it (None: nothing)
+
+
+def _num(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _at_least(low: float, hint: str = "") -> Check:
+    return lambda v: None if v >= low else f"must be at least {_num(low)}, got {_num(v)}{hint}"
+
+
+def _positive(hint: str = "") -> Check:
+    return lambda v: None if v > 0 else f"must be greater than 0, got {_num(v)}{hint}"
+
+
+def _between(low: float, high: float, *, open_low: bool = False, open_high: bool = False, hint: str = "") -> Check:
+    def check(v: Any) -> str | None:
+        ok = (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        interval = f"{'(' if open_low else '['}{_num(low)}, {_num(high)}{')' if open_high else ']'}"
+        return None if ok else f"must be in {interval}, got {_num(v)}{hint}"
+    return check
+
+
+def _not_empty(v: Any) -> str | None:
+    return None if len(v) else "must not be empty (leave the key out for its default)"
+
+
+SEED = _between(0, 2**32 - 1, hint=" (a seed is a whole number from 0 to 2**32 - 1)")
+K_RANGE = _between(1, MAX_K, hint=f" (the horizon: blocks of 1 to {MAX_K} mask slots)")
+
+# Per table, per key: the range of a set value (None, "not set", is never checked). Checks that need a file, a
+# dataset or a model live with the command that has them.
+RULES: dict[type, dict[str, Check]] = {
+    ScratchModelConfig: {
+        "hidden_size": _at_least(1), "intermediate_size": _at_least(1), "num_hidden_layers": _at_least(1),
+        "num_attention_heads": _at_least(1), "num_key_value_heads": _at_least(1),
+        "max_position_embeddings": _at_least(2), "tokenizer_vocab_size": _at_least(1),
+    },
+    ModelConfig: {"path": _not_empty, "tokenizer": _not_empty},
+    DataSource: {
+        "path": _not_empty, "weight": _positive(),
+        "num_samples": _between(1, MAX_SAMPLES, hint=" (rows to take; ask for fewer)"),
+    },
+    RegenerateConfig: {
+        "model": _not_empty, "temperature": _positive(), "max_new_tokens": _at_least(1), "batch_size": _at_least(1),
+        "num_proc": _at_least(1), "seed": SEED,
+    },
+    DataConfig: {
+        "output_dir": _not_empty, "cutoff_len": _at_least(1), "seed": SEED, "num_proc": _at_least(1),
+        "validation": _at_least(0, " (a fraction below 1, or a count of rows)"),
+    },
+    FluidConfig: {
+        "mask_token": lambda v: None if v else "must not be empty (name a reserved token of the vocabulary, or a "
+                                               "new one to add)",
+        "max_k": K_RANGE,
+        "p_anchor": _between(0, 1, open_low=True, hint=" (the probability that a response position anchors a "
+                                                       "block; 0 would train no blocks)"),
+        "noise": _between(0, 1), "ar_weight": _at_least(0), "diff_weight": _at_least(0),
+    },
+    LoraSection: {"r": _at_least(1), "alpha": _at_least(1), "dropout": _between(0, 1, open_high=True),
+                  "target_modules": _not_empty},
+    TrainConfig: {
+        "output_dir": _not_empty, "dataset": _not_empty, "lr": _positive(" (e.g. 2e-4)"), "weight_decay": _at_least(0),
+        "warmup_ratio": _between(0, 1, hint=" (the fraction of the steps spent warming up)"),
+        "batch_size": _at_least(1), "grad_accum": _at_least(1), "max_steps": _at_least(1), "epochs": _positive(),
+        "max_grad_norm": _positive(" (gradients are clipped to this norm)"), "seed": SEED,
+        "max_expanded_len": _at_least(2), "save_steps": _at_least(1), "save_total_limit": _at_least(0),
+        "log_steps": _at_least(1),
+    },
+    KHeadConfig: {
+        "model_dir": _not_empty, "dataset": _not_empty, "tau": _positive(" (a number of nats, e.g. 2.8)"),
+        "sigma": _positive(), "steps": _at_least(1), "lr": _positive(), "batch_size": _at_least(1),
+        "cutoff_len": _at_least(2), "max_examples": _at_least(2),
+        "holdout": _between(0, 1, open_low=True, open_high=True, hint=" (the fraction of examples held out)"),
+        "seed": SEED, "collect_batch_size": _at_least(1), "max_memory_mb": _at_least(0),
+    },
+    GenerateConfig: {
+        "model_dir": _not_empty, "tau": _positive(" (a number of nats, e.g. 2.8)"),
+        "threshold": _between(0, 1, hint=" (a probability; 1 = never fill a slot early)"), "max_k": K_RANGE,
+        "min_k": _at_least(1), "max_new_tokens": _at_least(1), "batch_size": _at_least(1),
+    },
+    EvalConfig: {
+        "model_dir": _not_empty, "limit": _at_least(1, " (samples per task; leave it unset for all)"),
+        "num_fewshot": _at_least(0), "output_dir": _not_empty, "batch_size": _at_least(1),
+        "max_gen_toks": _at_least(1),
+    },
+    LaunchConfig: {"num_processes": _at_least(1), "main_process_port": _between(1, 65535)},
+}
+
+
+def validate(recipe: Recipe, where: Any) -> None:
+    """Check every value of a typed recipe against its range (`RULES`; every float must be finite), then the keys
+    that must agree with each other. Errors name the key as `build_typed`'s do (`where.error`)."""
+    # Lazily, ranges first: the consistency checks may divide by a value that the ranges require to be positive.
+    for keypath, message in itertools.chain(_range_errors(recipe, ()), _consistency_errors(recipe)):
+        raise where.error(keypath, message)
+
+
+def _range_errors(obj: Any, keypath: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _range_errors(item, keypath + (i,))
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    rules = RULES.get(type(obj), {})
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), keypath + (f.name,)
+        if f.metadata.get("internal") or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            yield path, f"must be a finite number, got {value}"
+        elif f.name in rules and (message := rules[f.name](value)):
+            yield path, message
+        else:
+            yield from _range_errors(value, path)
+
+
+def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Keys that are each in range but contradict one another."""
+    scratch = r.model.scratch
+    if scratch is not None:
+        if scratch.hidden_size % scratch.num_attention_heads:
+            yield (("model", "scratch", "num_attention_heads"),
+                   f"{scratch.num_attention_heads} heads do not divide hidden_size = {scratch.hidden_size}")
+        elif scratch.num_attention_heads % scratch.num_key_value_heads:
+            yield (("model", "scratch", "num_key_value_heads"),
+                   f"{scratch.num_key_value_heads} do not divide num_attention_heads = {scratch.num_attention_heads}")
+    for i, src in enumerate(r.data.sources):
+        if src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
+            yield (("data", "sources", i, "num_samples"),
+                   (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
+                    "memory at most; ask for fewer"))
+        if src.prefix_tokens is not None and not (len(src.prefix_tokens) == 2 and 1 <= src.prefix_tokens[0]
+                                                  <= src.prefix_tokens[1]):
+            yield (("data", "sources", i, "prefix_tokens"),
+                   f"expected [min, max] with 1 <= min <= max, got {src.prefix_tokens}")
+    if r.data.validation >= 1 and r.data.validation != int(r.data.validation):
+        yield ("data", "validation"), f"a count (>= 1) must be whole, got {r.data.validation}"
+    f = r.fluid
+    if f.ar_weight == 0 and f.diff_weight == 0:
+        yield ("fluid", "diff_weight"), "ar_weight and diff_weight are both 0: nothing would be trained"
+    g = r.generate
+    if g.max_k is not None and g.min_k > g.max_k:
+        yield ("generate", "min_k"), f"{g.min_k} is above max_k = {g.max_k}"
+    if r.train.max_expanded_len is not None and r.train.max_expanded_len <= f.max_k:
+        yield (("train", "max_expanded_len"),
+               f"{r.train.max_expanded_len} leaves no room for a block of max_k = {f.max_k} after the tokens")
+    yield from _mask_memory_errors(r)
+
+
+def _mask_memory_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Refuse a training batch whose dense attention mask alone would not fit any machine (an estimate: every
+    anchor drawn with probability p_anchor opens a block of up to max_k slots)."""
+    f, t = r.fluid, r.train
+    length = r.data.cutoff_len * (1 + f.p_anchor * f.max_k)
+    if t.max_expanded_len is not None:
+        length = min(length, t.max_expanded_len)
+    mask_bytes = t.batch_size * length**2 * 4  # fp32 additive mask [batch, 1, length, length]
+    if mask_bytes > MAX_MASK_BYTES:
+        yield (("fluid", "max_k"),
+               (f"{f.max_k} makes a training sequence of up to {r.data.cutoff_len} tokens about {length:,.0f} "
+                f"positions long (p_anchor = {f.p_anchor}), and the attention mask of a batch of {t.batch_size} "
+                f"about {mask_bytes / 2**30:,.0f} GiB; lower max_k, p_anchor, [data] cutoff_len or [train] "
+                "batch_size, or cap the length with [train] max_expanded_len"))

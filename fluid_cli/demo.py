@@ -24,7 +24,13 @@ from rich.table import Table
 
 from fluid_cli.config import Recipe, load_recipe
 from fluid_cli.errors import FluidError
-from fluid_cli.io import write_file_atomic, write_json_atomic, write_text_atomic
+from fluid_cli.io import (
+    check_output_dir,
+    disk_full_is_an_error,
+    write_file_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 STEPS = ("prepare-data", "train-stage1", "calibrate-khead", "generate", "eval")
@@ -60,7 +66,8 @@ MARKER = ".fluid-demo"
 
 
 def fresh_output(out: Path) -> None:
-    """Start from nothing: clear a previous demo's folder; refuse any other non-empty folder."""
+    """Start from nothing: clear a previous demo's folder; refuse any other non-empty folder (or a file)."""
+    check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FluidError(f"{out}: folder exists and is not a fluid demo output; choose another --out")
@@ -205,9 +212,6 @@ def report_markdown(s: dict[str, Any], trace: dict[str, Any], sweep: list[dict[s
 
 def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: list[str] | None = None,
         console: Console | None = None) -> dict[str, Any]:
-    from fluid_cli import calibrate, data, evaluate, generate, train
-    from fluid_cli.inference import generate_config, load_decoding_model
-
     import torch
 
     # A model this small gains nothing from intra-op threads, and on a busy laptop they slow it down many times.
@@ -216,6 +220,14 @@ def run(out: Path, fast: bool = False, recipe: Path | None = None, overrides: li
     out = Path(out)
     cfg = demo_recipe(out, fast, recipe, overrides)
     fresh_output(out)
+    with disk_full_is_an_error(out):
+        return _run(cfg, out, fast, console)
+
+
+def _run(cfg: Recipe, out: Path, fast: bool, console: Console) -> dict[str, Any]:
+    from fluid_cli import calibrate, data, evaluate, generate, train
+    from fluid_cli.inference import generate_config, load_decoding_model
+
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 

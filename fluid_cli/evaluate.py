@@ -11,7 +11,8 @@ dataset has an offline copy (`LOCAL_DATA`) at the local JSONL files instead (`da
 
 `--decoder both` runs every task twice on the same weights, plain greedy (AR) then FLUID, and reports them side
 by side with the speed-up and the fraction of generations that are identical (with verification on they should
-all be). Writes `results.json` and one `samples_<task>.jsonl` per task to `[eval] output_dir`, atomically.
+all be). Writes `results.json` and one `samples_<task>.jsonl` per task to `[eval] output_dir`, atomically; the
+folder is checked before any work, and results already there are replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import subprocess
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lm_eval.tasks
 import yaml
@@ -41,7 +44,7 @@ import fluid_cli.tasks
 from fluid_cli.compat import lm_eval_task_index
 from fluid_cli.config import EvalConfig, Recipe
 from fluid_cli.errors import FluidError
-from fluid_cli.io import write_json_atomic, write_text_atomic
+from fluid_cli.io import check_output_dir, disk_full_is_an_error, write_json_atomic, write_text_atomic
 from fluid_cli.lm_eval_adapter import FluidLM
 
 Entry, Kind, TaskIndex, load_yaml = lm_eval_task_index()
@@ -71,6 +74,7 @@ LOCAL_DATA: dict[str, dict[str, str]] = {
 BY_SUBJECT = {"cais/mmlu"}
 LOAD_SUBJECT = "fluid_cli.tasks.utils.load_subject"
 DATA_DIR_ENV = "FLUID_DATA_DIR"
+RESULTS_NAME = "results.json"
 
 console = Console()
 err_console = Console(stderr=True)
@@ -213,13 +217,16 @@ def _override_yaml(task: str, source: Path, cfg: dict[str, Any], data_dir: Path 
 # --------------------------------------------------------------------------------------------- the run
 
 
-def run(cfg: Recipe) -> dict[str, Any]:
+def run(cfg: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate `[eval] model_dir` on `[eval] tasks` with the decoder(s) of `[eval] decoder`; returns the summary
-    written to `results.json`. Decoding settings (horizon, tau, threshold, max_k, min_k, verify) come from
-    `[generate]`."""
+    written to `results.json` (an existing one is replaced only with `overwrite`). Decoding settings (horizon, tau,
+    threshold, max_k, min_k, verify) come from `[generate]`."""
     ev, gen = cfg.eval, cfg.generate
     if not ev.tasks:
         raise FluidError("no tasks: name them (e.g. `fluid eval gsm8k --model DIR`) or set [eval] tasks")
+    check_output_dir(ev.output_dir, "--output-dir / [eval] output_dir")
+    if (Path(ev.output_dir) / RESULTS_NAME).exists() and not overwrite:
+        raise FluidError(f"{Path(ev.output_dir) / RESULTS_NAME}: exists; pass --overwrite to replace it")
     data_dir = ev.data_dir or os.environ.get(DATA_DIR_ENV)
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is not None and not data_dir.is_dir():
@@ -252,8 +259,9 @@ def run(cfg: Recipe) -> dict[str, Any]:
     summary["decode_runs"] = {d: batches for d, (_, _, batches) in runs.items()}
     for name in plan.names:
         console.print(task_table(name, summary["tasks"][name]))
-    write_outputs(out_dir, cfg, plan, summary, runs)
-    err_console.print(f"results: {out_dir / 'results.json'}")
+    with disk_full_is_an_error(out_dir):
+        write_outputs(out_dir, cfg, plan, summary, runs)
+    err_console.print(f"results: {out_dir / RESULTS_NAME}")
     return summary
 
 
@@ -265,13 +273,41 @@ def task_manager(plan: TaskPlan) -> TaskManager:
 
 def evaluate_plan(lm: Any, plan: TaskPlan, manager: TaskManager, ev: EvalConfig) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of `lm` (any lm-eval `LM`) on the plan's tasks, with the `[eval]` settings."""
-    with _code_execution(ev.allow_code_execution), _quiet_custom_dataset(), _offline_hint():
+    with _code_execution(ev.allow_code_execution), _quiet_custom_dataset(), _offline_hint(), _quiet_lm_eval():
         return simple_evaluate(
             model=lm, tasks=plan.names, task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
             apply_chat_template=ev.apply_chat_template, fewshot_as_multiturn=ev.apply_chat_template,
             gen_kwargs={"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None,
             confirm_run_unsafe_code=ev.allow_code_execution, log_samples=True,
         )
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's noise around fluid's own display: its request-building tqdm bar, `datasets`' bars while it loads
+    the task data, and the "fatal: not a git repository" that `git describe` prints (lm-eval records the commit of
+    the working folder) outside a git checkout."""
+    import datasets
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+    from tqdm import tqdm
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    bars_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)), \
+                mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", git_hash):
+            yield
+    finally:
+        if bars_on:
+            datasets.enable_progress_bars()
 
 
 @contextmanager
@@ -417,7 +453,7 @@ def write_outputs(out_dir: Path, cfg: Recipe, plan: TaskPlan, summary: dict[str,
     lm_eval_results = {d: plain({k: v for k, v in results.items() if k != "samples"})
                        for d, (results, _, _) in runs.items()}
     ev = cfg.eval
-    write_json_atomic(out_dir / "results.json", {
+    write_json_atomic(out_dir / RESULTS_NAME, {
         "model": ev.model_dir or cfg.train.output_dir, "tasks": plan.names, "decoders": list(runs),
         "limit": ev.limit, "num_fewshot": ev.num_fewshot, "data_dir": ev.data_dir or os.environ.get(DATA_DIR_ENV),
         **summary, "lm_eval": lm_eval_results,

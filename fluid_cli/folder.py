@@ -28,7 +28,15 @@ from transformers.utils import logging as hf_logging
 
 from fluid_cli.config import build_typed
 from fluid_cli.errors import FluidError
-from fluid_cli.hf import embedding_rows, hidden_size_of, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from fluid_cli.hf import (
+    check_weight_files,
+    embedding_rows,
+    hidden_size_of,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from fluid_cli.io import recover_files, replace_files
 from fluid_cli.khead import KHead
 from fluid_cli.lora import load_lora
@@ -55,8 +63,17 @@ def is_fluid_folder(folder: str | Path) -> bool:
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    recover_files(folder, META_NAME)
+    _recover(folder)
     return (folder / META_NAME).is_file()
+
+
+def _recover(folder: Path) -> None:
+    """Finish a save that a kill interrupted (see `io.replace_files`)."""
+    try:
+        recover_files(folder, META_NAME)
+    except OSError as e:
+        raise FluidError(f"{folder}: an interrupted save left the model incomplete and it cannot be finished "
+                         f"here ({e.strerror}); make the folder writable and retry") from None
 
 
 def read_meta(folder: str | Path) -> FluidMeta:
@@ -65,11 +82,7 @@ def read_meta(folder: str | Path) -> FluidMeta:
     if not folder.is_dir():
         raise FluidError(f"{folder}: model folder not found" if not folder.exists() else
                          f"{folder}: not a folder (a FLUID model is a folder with {META_NAME})")
-    try:
-        recover_files(folder, META_NAME)
-    except OSError as e:
-        raise FluidError(f"{folder}: an interrupted save left the model incomplete and it cannot be finished "
-                         f"here ({e.strerror}); make the folder writable and retry") from None
+    _recover(folder)
     path = folder / META_NAME
     if not path.is_file():
         raise FluidError(
@@ -151,10 +164,13 @@ def save_model(model: FluidModel, folder: str | Path, state_dict: dict[str, torc
     replace_files(folder, write, last=META_NAME)
 
 
-def save_khead(model: FluidModel, folder: str | Path) -> None:
-    """Rewrite only the K-head and `fluid.json` (after calibration), together."""
+def save_khead(model: FluidModel, folder: str | Path, extras: dict[str, str] | None = None) -> None:
+    """Rewrite only the K-head and `fluid.json` (after calibration), together with the text files `extras` (name ->
+    content: the calibration report)."""
     def write(stage: Path) -> None:
         _write_khead(model, stage)
+        for name, text in (extras or {}).items():
+            (stage / name).write_text(text, encoding="utf-8")
         (stage / META_NAME).write_text(meta_json(model.meta), encoding="utf-8")
 
     replace_files(folder, write, last=META_NAME)
@@ -180,14 +196,15 @@ def load_model(
     decides per row; see `DraftGate.freeze_for_decoding`). Without `merge` the weights are as trained."""
     folder = Path(folder)
     meta = read_meta(folder)
+    check_files(folder, meta)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     hf_logging.disable_progress_bar()  # loading bars would interleave with the commands' own output
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=meta.trust_remote_code)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=meta.trust_remote_code, remedy=REMEDY)
     common: dict[str, Any] = {"dtype": dtype, "trust_remote_code": meta.trust_remote_code,
                               "attn_implementation": attn_implementation}
     if meta.weights == "full":
-        backbone = load_causal_lm(str(folder), **common)
+        backbone = load_causal_lm(str(folder), **common, remedy=REMEDY)
     else:
         try:
             base = load_causal_lm(meta.base_model, **common)
@@ -208,6 +225,22 @@ def load_model(
     if merge and model.gate is not None:
         model.gate.freeze_for_decoding()
     return model
+
+
+def check_files(folder: Path, meta: FluidMeta) -> None:
+    """The files `fluid.json` says the folder holds are there and whole (weights, adapter, K-head, JSON configs),
+    before anything heavy is loaded; a missing or damaged one is named with the fix."""
+    needed = ["config.json", "model.safetensors"] if meta.weights == "full" else \
+        ["adapter_config.json", "adapter_model.safetensors"]
+    for name in [*needed, KHEAD_NAME]:
+        if not (folder / name).is_file() and not (name == "model.safetensors" and _sharded(folder)):
+            raise FluidError(f"{folder / name}: missing ({REMEDY})")
+    check_weight_files(folder, REMEDY)
+
+
+def _sharded(folder: Path) -> bool:
+    """Large full-weight models are saved in shards (`model-00001-of-00004.safetensors` and an index)."""
+    return (folder / "model.safetensors.index.json").is_file()
 
 
 def _read_khead(folder: Path, hidden_size: int, max_k: int) -> KHead:

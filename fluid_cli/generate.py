@@ -105,8 +105,6 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
     cfg = generate_config(recipe)
     out = out or Console(soft_wrap=True)
     err = err or Console(stderr=True, soft_wrap=True)
-    if cfg.batch_size < 1:
-        raise FluidError(f"--batch-size {cfg.batch_size}: must be at least 1")
     model = load_decoding_model(cfg)
     base = load_base(model) if compare_base else None
     if cfg.chat_template and not getattr(model.tokenizer, "chat_template", None):

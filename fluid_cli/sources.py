@@ -40,6 +40,7 @@ BAD_EXAMPLES = 20  # malformed rows whose message is kept (all are counted)
 EXACT_JSON_TYPES = {"string", "large_string", "bool", "null", "int8", "int16", "int32", "int64", "uint8", "uint16",
                     "uint32", "uint64"}
 UTF8_BOM = b"\xef\xbb\xbf"
+MAX_REPEATS = 1000  # num_samples may repeat a source's rows, up to this many times each
 
 
 @dataclass
@@ -73,7 +74,7 @@ def read_source(src: DataSource, spec: SourceSpec, data: DataConfig, work: Path)
         return Source(src.path, rows, "columns", lambda ks: [f"{src.path}[{k}]" for k in ks],
                       f"{src.path}:{src.num_samples}:{seed}")
     path = Path(src.path)
-    if glob.has_magic(src.path):
+    if glob.has_magic(src.path) and not path.exists():  # a file may have [ ] or * in its name
         files = sorted(Path(p) for p in glob.glob(src.path, recursive=True) if Path(p).is_file())
         if not files:
             raise FluidError(f"{src.path}: no files match")
@@ -102,12 +103,16 @@ def _read_file(file: Path, spec: SourceSpec, skip_bad_rows: bool, work: Path) ->
     if suffix not in FILE_SUFFIXES:
         raise FluidError(f"{file}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
     identity = f"{file}:{_file_digest(file)}"
+    bad_line = _first_non_utf8_line(file) if suffix != ".parquet" else None
     if suffix in (".jsonl", ".json"):
-        rows = _try_load_json(file, work)
+        # Arrow would take bytes that are not UTF-8 into its strings; the line reader names the line instead.
+        rows = _try_load_json(file, work) if bad_line is None else None
         if rows is not None and _exact_json(rows.features, spec):
             return Source(str(file), rows, "json-columns", lambda ks: _json_places(file, ks), identity)
         return _read_json_text(file, skip_bad_rows, work, identity)
     kind = suffix[1:]
+    if bad_line is not None:
+        raise FluidError(f"{file}:{bad_line}: not UTF-8 text; save the file as UTF-8")
     try:
         # CSV: every cell as the text it holds ("" stays "", not null), as pyarrow's reader did for text columns.
         rows = _load(kind, file, work, **({"na_filter": False} if kind == "csv" else {}))
@@ -347,6 +352,10 @@ def select_rows(sizes: list[int], sources: list[DataSource], seed: int) -> list[
         >>> [len(i) for i in select_rows([100, 10, 7], [S("a", weight=2.0), S("b", weight=1.0), S("c")], 0)]
         [20, 10, 7]
     """
+    for size, src in zip(sizes, sources):
+        if src.num_samples is not None and size and src.num_samples > MAX_REPEATS * size:
+            raise FluidError(f"{src.path}: num_samples = {src.num_samples:,} would repeat each of its {size:,} rows "
+                             f"{src.num_samples // size:,} times (at most {MAX_REPEATS:,}); ask for fewer samples")
     weighted = [(i, s.weight) for i, s in enumerate(sources) if s.weight is not None]
     total_weight = sum(w for _, w in weighted)
     mixture_size = min((sizes[i] * total_weight / w for i, w in weighted), default=0.0)
@@ -392,6 +401,26 @@ def _file_digest(file: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def _first_non_utf8_line(file: Path) -> int | None:
+    """The first line of a text file that is not UTF-8, if any (the file is read in blocks, not held whole)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return line + block[: e.start].count(b"\n")
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return line
+    return None
 
 
 def _digest(value: str | bytes) -> str:

@@ -4,7 +4,8 @@
 
 `run` is three steps, `setup` (1-3), `loop` (4-5) and `save_final` (6), each reading top to bottom:
 
-1. check the inputs (dataset folder, output folder, resume point) before anything heavy happens (`preflight`);
+1. check the inputs (dataset folder, output folder, resume point) before anything heavy happens (`preflight`),
+   then take the output folder's lock (one writer at a time) and tidy what a killed run left in it;
 2. build the model: a pretrained causal LM (`[model] path`) or one grown from scratch (`[model.scratch]`), the
    mask token (reused or added), LoRA (`[lora]`) or full fine-tuning, and an untrained K-head;
 3. cut the prepared dataset into steps: every epoch is a seeded permutation of the rows, each optimizer step
@@ -13,12 +14,15 @@
    drawn from a seeded generator) -> `FluidModel.stage1_loss` -> backward; AdamW, cosine schedule with warmup,
    gradient clipping;
 5. every `log_steps` append the window's means to `metrics.jsonl`; every `save_steps` write a checkpoint
-   (trainable weights, optimizer, scheduler, every RNG including the layout generator, data position);
+   (trainable weights, optimizer, scheduler, every RNG including the layout generator, data position). A loss
+   that is not finite stops the run before anything else is written, keeping the last good checkpoint;
 6. write the FLUID model folder (`folder.save_model`, which replaces a previous model in one journaled step),
    `train-summary.json` and `fluid-config.toml` into `[train] output_dir`.
 
 Everything that decides a step (data order, layout draws, dropout) is a function of the seed and the step, and
 all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's losses exactly (CPU, fp32).
+
+A full disk while writing a checkpoint or the model is one line; the partial files are removed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +51,21 @@ from transformers.utils import logging as hf_logging
 
 from fluid_cli.backbone import model_reference, recipe_lm, recipe_tokenizer
 from fluid_cli.config import FluidConfig, Recipe
-from fluid_cli.data import load_prepared
+from fluid_cli.data import arrow_column, load_prepared
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import META_NAME, save_model
 from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token
-from fluid_cli.io import write_json_atomic, write_text_atomic
+from fluid_cli.io import (
+    check_output_dir,
+    disk_full_error,
+    disk_full_is_an_error,
+    is_disk_full,
+    locked_by,
+    output_lock,
+    recover_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 from fluid_cli.khead import KHead
 from fluid_cli.layout import ExpandedBatch, PAD_SLOT, build_expanded_batch, pad_batch
 from fluid_cli.lora import apply_lora
@@ -61,6 +76,8 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "train-summary.json"
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+OUTPUT_KEY = "[train] output_dir"
+PLAIN_PROGRESS_S = 30.0  # without a terminal (a log file), a plain progress line at most this often
 
 console = Console(stderr=True)
 
@@ -80,20 +97,23 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def preflight(cfg: Recipe, resume: bool) -> None:
-    """Cheap checks of the inputs, run before launching processes so a mistake is one line, not a traceback per rank."""
+    """Cheap checks of the inputs, run before launching processes so a mistake is one line, not a traceback per rank
+    (the recipe's values were checked when it was loaded)."""
     data = dataset_dir(cfg)
     where = "[train] dataset" if cfg.train.dataset else "[data] output_dir"
     if not data.is_dir():
         raise FluidError(f"{where}: dataset folder {data} not found (run `fluid prepare-data` with this recipe first)")
     if cfg.model.scratch is None and cfg.model.path is None:
         raise FluidError("[model] path: no model given (set path, or [model.scratch] to grow one)")
-    if cfg.model.scratch is not None and cfg.lora.enabled:
+    if cfg.model.scratch is not None and cfg.lora.enabled:  # only training minds: prepare-data uses the tokenizer
         raise FluidError("[lora] enabled: a model grown from scratch trains all its weights; "
                          "set [lora] enabled = false")
-    for name in ("batch_size", "grad_accum", "save_steps", "log_steps"):
-        if getattr(cfg.train, name) < 1:
-            raise FluidError(f"[train] {name}: expected at least 1, got {getattr(cfg.train, name)}")
     out = Path(cfg.train.output_dir)
+    check_output_dir(out, OUTPUT_KEY)
+    holder = locked_by(out) if main_process() else None  # the other ranks would see their own run's lock
+    if holder is not None:
+        raise FluidError(f"{out}: another fluid process (pid {holder}) is training into this folder; wait for it to "
+                         f"finish, or choose another {OUTPUT_KEY}")
     if resume and latest_checkpoint(out) is None:
         raise FluidError(f"--resume: no checkpoint in {out / CHECKPOINTS} to resume from")
     if not resume and (latest_checkpoint(out) is not None or (out / META_NAME).exists()):
@@ -269,18 +289,27 @@ def keep_trainable(models: list[nn.Module], weights: list[dict], output_dir: str
 
 def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Generator, state: dict,
                     limit: int) -> None:
-    """Write `checkpoints/step-N` through a hidden temporary folder, then prune to the newest `limit`."""
+    """Write `checkpoints/step-N` through a hidden temporary folder, then prune to the newest `limit`. On any
+    error (a full disk, SIGINT) the temporary folder is removed; the older checkpoints stay."""
     final = out / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    torch.save(layout_rng.get_state(), tmp / f"layout_rng_{acc.process_index}.pt")
-    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))
+        torch.save(layout_rng.get_state(), tmp / f"layout_rng_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_json_atomic(tmp / STATE_NAME, state)
+    except BaseException as e:
+        full = isinstance(e, Exception) and is_disk_full(e, tmp.parent)  # before the cleanup frees the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full_error(out, f"the partial checkpoint {tmp.name} was removed") from None
+        raise
     if acc.is_main_process:
-        write_json_atomic(tmp / STATE_NAME, state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted((int(_CHECKPOINT_RE.match(p.name).group(1)), p) for p in (out / CHECKPOINTS).glob("step-*")
@@ -288,6 +317,11 @@ def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Ge
         for _, old in kept[:-limit] if limit > 0 else []:
             shutil.rmtree(old)
     acc.wait_for_everyone()
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was taken after."""
+    return int(json.loads((path / STATE_NAME).read_text())["step"])
 
 
 def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator, expected: dict) -> int:
@@ -362,6 +396,24 @@ class Window:
                 "expanded_tokens_per_s": expanded / seconds}
 
 
+class PlainProgress:
+    """Without a terminal (`fluid demo > log 2>&1`) rich shows no live bar: a plain line on each logged step at
+    most every `PLAIN_PROGRESS_S` seconds (and on the last one), so a log shows the run advancing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.last = time.perf_counter()
+
+    def line(self, step: int, stats: dict[str, float], lr: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < PLAIN_PROGRESS_S and step != self.total):
+            return
+        self.last = now
+        console.print(f"stage 1: step {step}/{self.total}, loss {stats['loss']:.3f} (ar {stats['loss_ar']:.3f}, "
+                      f"diff {stats['loss_diff']:.3f}), lr {lr:.2e}, {stats['steps_per_s']:.2f} steps/s, "
+                      f"{stats['tokens_per_s']:,.0f} tok/s", soft_wrap=True)
+
+
 def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]stage 1"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -433,12 +485,34 @@ class Run:
 def run(cfg: Recipe, resume: bool = False) -> Path:
     """Train Stage I as the recipe says and write the FLUID model folder; returns its path."""
     preflight(cfg, resume)
-    state = setup(cfg, resume)
-    totals, last = loop(state)
-    save_final(state, totals, last)
+    out = Path(cfg.train.output_dir)
+    with writing(out), disk_full_is_an_error(out):
+        state = setup(cfg, resume)
+        totals, last = loop(state)
+        save_final(state, totals, last)
     if cfg.train.tensorboard:
         state.acc.end_training()
     return state.out
+
+
+def main_process() -> bool:
+    """Whether this is the process that writes the outputs: global rank 0 (`accelerate launch` sets RANK for every
+    process it starts; a plain run is rank 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """The main process holds the output folder's lock for the whole run and first tidies what a killed run left: a
+    half-written checkpoint, an interrupted final save."""
+    if not main_process():
+        yield
+        return
+    with output_lock(out, OUTPUT_KEY):
+        for tmp in (out / CHECKPOINTS).glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        recover_files(out, META_NAME)
+        yield
 
 
 def setup(cfg: Recipe, resume: bool) -> Run:
@@ -458,6 +532,10 @@ def setup(cfg: Recipe, resume: bool) -> Run:
     t = cfg.train
     sched = Schedule.of(len(train), t.batch_size, t.grad_accum, acc.num_processes, t.max_steps, t.epochs,
                         t.warmup_ratio)
+    check_expanded_len(cfg, train)
+    if resume and (done := checkpoint_step(latest_checkpoint(out))) > sched.total_steps:
+        raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
+                         f"{sched.total_steps} steps ([train] max_steps / epochs); raise them to continue it")
     objective = Stage1Objective(fluid, cfg.fluid)
     optimizer = adamw(objective, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, sched.warmup_steps, sched.total_steps)
@@ -488,6 +566,42 @@ def setup(cfg: Recipe, resume: bool) -> Run:
                noise_token_ids(tokenizer, fluid.meta.vocab_size), use_cache, metrics)
 
 
+def check_expanded_len(cfg: Recipe, train: Any) -> None:
+    """`[train] max_expanded_len` must leave the longest row room for one whole block, or some rows (all, when it
+    is small) would train no blocks and loss_diff would say nothing."""
+    import pyarrow.compute as pc
+
+    cap, k = cfg.train.max_expanded_len, cfg.fluid.max_k
+    if cap is None:
+        return
+    longest = int(pc.max(pc.list_value_length(arrow_column(train, "input_ids"))).as_py() or 0)
+    if cap < longest + k:
+        raise FluidError(f"{cfg.source or 'recipe'}: [train] max_expanded_len: {cap} leaves no room for a block of "
+                         f"max_k = {k} after the longest row of {dataset_dir(cfg)} ({longest} tokens); set it to at "
+                         f"least {longest + k}, or leave it unset")
+
+
+class NonFinite:
+    """The first step whose loss was not finite, tracked on the device (no synchronisation per step) and checked
+    whenever the loop synchronises anyway: before logging, before a checkpoint and at the end."""
+
+    def __init__(self, acc: Accelerator, total_steps: int):
+        self.acc, self.total = acc, total_steps
+        self.mark = torch.zeros((), dtype=torch.long, device=acc.device)  # total + 1 - first bad step; 0: none
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.mark = torch.maximum(self.mark, (~torch.isfinite(loss.detach())).long() * (self.total + 1 - step))
+
+    def check(self, out: Path) -> None:
+        mark = int(self.acc.gather(self.mark.unsqueeze(0)).max())
+        if mark:
+            kept = latest_checkpoint(out)
+            raise FluidError(
+                f"step {self.total + 1 - mark}: the training loss is not a finite number (nan or inf), so training "
+                "stopped; " + (f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written")
+                + " (lower [train] lr or max_grad_norm, then continue with --resume)")
+
+
 def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
     """The optimizer steps from `r.start + 1` to the end: returns the run's totals and the last logged record."""
     cfg, acc, t, sched = r.cfg, r.acc, r.cfg.train, r.sched
@@ -497,7 +611,9 @@ def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
     window, totals = Window(acc.device), {"tokens": 0, "expanded_tokens": 0, "seconds": 0.0}
     last: dict[str, Any] = {}
     grad_norm = None
-    with progress_bar(acc.is_main_process) as progress:
+    finite = NonFinite(acc, sched.total_steps)
+    plain = PlainProgress(acc.is_main_process and not console.is_terminal, sched.total_steps)
+    with progress_bar(acc.is_main_process and console.is_terminal) as progress:  # a log gets `plain`
         task = progress.add_task("stage 1", total=sched.total_steps, completed=r.start, rate="", stats="")
         for step in range(r.start + 1, sched.total_steps + 1):
             lr = r.optimizer.param_groups[0]["lr"]
@@ -505,6 +621,7 @@ def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
                 ex = expand(next(batches), cfg, r.fluid.meta, r.pad_id, r.noise_ids, r.layout_rng)
                 with acc.accumulate(r.objective):
                     loss = r.objective(ex.to(acc.device))
+                    finite.add(step, loss.loss)
                     acc.backward(loss.loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(r.objective.parameters(), t.max_grad_norm)
@@ -515,6 +632,7 @@ def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
             window.steps += 1
 
             if step % t.log_steps == 0 or step == sched.total_steps:
+                finite.check(r.out)
                 stats = window.reduce(acc)
                 for key in totals:
                     totals[key] += stats[key]
@@ -530,12 +648,15 @@ def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
                                            f"({stats['expanded_tokens_per_s']:,.0f} expanded)",
                                 stats=f"loss {stats['loss']:.3f} (ar {stats['loss_ar']:.3f}, "
                                       f"diff {stats['loss_diff']:.3f}) lr {lr:.2e}")
+                plain.line(step, stats, lr)
                 window = Window(acc.device)
             progress.update(task, completed=step)
             if step % t.save_steps == 0:
+                finite.check(r.out)
                 save_checkpoint(acc, r.out, step, r.layout_rng, {**r.run_state, "step": step,
                                 "micro_batches": step * t.grad_accum, "total_steps": sched.total_steps},
                                 t.save_total_limit)
+    finite.check(r.out)
     return totals, last
 
 

@@ -281,9 +281,9 @@ def test_loss_curve_objective_one_head_for_every_tau(stage1):
         (["--tau", "0"], "--tau 0: tau must be a positive number"),
         (["--tau", "1.0,-2"], "--tau -2: tau must be a positive number"),
         (["--tau", "fast"], "--tau fast: expected a number"),
-        (["--set", "khead.tau=0"], "[khead] tau = 0: tau must be a positive number"),
+        (["--set", "khead.tau=0"], "--set khead.tau=0: [khead] tau: must be greater than 0"),
         (["--set", "fluid.max_k=8"], "[fluid] max_k = 8 but the model in"),
-        (["--set", "khead.holdout=1.0"], "[khead] holdout = 1.0: must be a fraction"),
+        (["--set", "khead.holdout=1.0"], "--set khead.holdout=1.0: [khead] holdout: must be in (0, 1)"),
     ],
 )
 def test_bad_input_is_one_line(stage1, args, message):

@@ -147,9 +147,9 @@ def test_plain_model_with_a_headless_horizon(plain_dir, horizon):
     "args, message",
     [
         (["--model", "{plain}", "-p", "hi", "--horizon", "khead"], "K-head is not calibrated"),
-        (["--model", "{fluid}", "-p", "hi", "--tau", "0"], "tau = 0.0: must be a positive number"),
+        (["--model", "{fluid}", "-p", "hi", "--tau", "0"], "--tau 0: [generate] tau: must be greater than 0"),
         (["--model", "{fluid}", "-p", "hi", "--horizon", "fixed", "--tau", "2.8"], "does not use tau"),
-        (["--model", "{fluid}", "-p", "hi", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--model", "{fluid}", "-p", "hi", "--batch-size", "0"], "--batch-size 0: [generate] batch_size: must be at least 1"),
         (["--model", "{fluid}", "-p", "hi", "--compare-base"], "no original model to compare with"),
         (["--model", "{plain}", "-p", "hi", "--horizon", "fixed", "--mask-token", "<nope>"], "--mask-token '<nope>'"),
         (["--model", "{empty}", "-p", "hi"], "not a FLUID model folder"),
@@ -157,7 +157,7 @@ def test_plain_model_with_a_headless_horizon(plain_dir, horizon):
         (["--model", "{fluid}", "-p", "hi", "--max-k", "9"], "max_k = 9: must be between 1 and the model's K = 8"),
         (["--model", "{fluid}", "-p", "x" * 300], "does not fit the model's context of 256 positions"),
         (["--model", "{fluid}", "--prompt-file", "{empty}/missing.txt"], "prompt file not found"),
-        (["--model", "{fluid}", "-p", "hi", "--threshold", "2"], "threshold = 2.0"),
+        (["--model", "{fluid}", "-p", "hi", "--threshold", "2"], "--threshold 2: [generate] threshold: must be in [0, 1]"),
     ],
 )
 def test_bad_input_is_one_clear_line(fluid_dir, plain_dir, tmp_path, args, message):

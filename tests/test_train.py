@@ -137,7 +137,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     expected = {
         no_data: "dataset folder",
         wrong_tokenizer: "tokenized with a different tokenizer",
-        no_weights: "cannot load a causal LM",
+        no_weights: "no weights (model.safetensors or pytorch_model.bin)",
         no_mask: "'<|nope|>' is not in the tokenizer's vocabulary",
     }
     for path, message in expected.items():

@@ -1,0 +1,822 @@
+"""Reliability: every user mistake is one line on stderr with exit status 2, and no output is lost or half-written.
+
+One test per class of failure, parametrised over the keys and commands it covers: recipe values (ranges,
+consistency, where the value came from), undecodable text, damaged model folders, output locations (read-only, a
+file in the way, existing results, a second writer, stale staging, a full disk), a loss that stops being finite,
+resuming past the end, and kills during the final save.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+from test_train import write_dataset
+from tiny import TINY_SCRATCH_RECIPE, tiny_fluid_model, tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from fluid_cli import calibrate, evaluate, io, train
+from fluid_cli.cli import app
+from fluid_cli.config import load_recipe_text
+from fluid_cli.errors import FluidError
+from fluid_cli.folder import KHEAD_NAME, META_NAME, load_model, save_model
+from fluid_cli.khead import KHead
+from fluid_cli.synthetic import arithmetic_rows
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def fluid(*args: object, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def error_line(result, *needles: str, alone: bool = True) -> str:
+    """The one `error:` line of a failed command: exit status 2, no traceback, and (with `alone`) nothing else on
+    stderr but progress bars; each of `needles` must be in it."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "\r" not in line and "%|" not in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and (not alone or len(lines) == 1), result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes: an output location must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} \
+        if folder.exists() else {}
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (for staging folders a killed run left)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+TRAIN = TINY_SCRATCH_RECIPE + """
+[fluid]
+max_k = 4
+[train]
+batch_size = 4
+max_steps = 4
+save_steps = 2
+log_steps = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "data", n=24)
+
+
+def train_recipe(tmp_path: Path, dataset: Path, extra: str = "", out: Path | None = None) -> Path:
+    path = tmp_path / "train.toml"
+    path.write_text(TRAIN + f'dataset = "{dataset}"\noutput_dir = "{out or tmp_path / "out"}"\n' + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset) -> Path:
+    """A finished 4-step run (checkpoints at steps 2 and 4); tests copy it before changing anything."""
+    root = tmp_path_factory.mktemp("trained")
+    result = fluid("train-stage1", train_recipe(root, dataset))
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+def copy_run(trained: Path, tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    return out, train_recipe(tmp_path, dataset, out=out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A FLUID model folder (full weights, K = 4), never changed: tests copy it."""
+    folder = tmp_path_factory.mktemp("model") / "model"
+    save_model(tiny_fluid_model(max_k=4), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, dataset) -> Path:
+    """A FLUID model folder with a LoRA adapter over a tiny base model."""
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    cfg = load_recipe_text(f'[model]\npath = "{base}"\n[fluid]\nmax_k = 4\n[train]\ndataset = "{dataset}"\n')
+    save_model(train.build_model(cfg), root / "model")
+    return root / "model"
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make folders read-only: by their permissions, and (for root, whom permissions do not stop) by denying what
+    a read-only folder denies to `os.access`."""
+    folders: list[Path] = []
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path) in folders:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        folders.append(folder)
+        return folder
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------------- recipe values
+
+
+BAD_VALUES = [
+    ("train.lr=0", "[train] lr: must be greater than 0"),
+    ("train.lr=-1e-4", "[train] lr: must be greater than 0"),
+    ("train.lr=nan", "[train] lr: must be a finite number, got nan"),
+    ("train.lr=inf", "[train] lr: must be a finite number, got inf"),
+    ("train.weight_decay=nan", "[train] weight_decay: must be a finite number"),
+    ("train.weight_decay=-0.1", "[train] weight_decay: must be at least 0"),
+    ("train.warmup_ratio=-1", "[train] warmup_ratio: must be in [0, 1]"),
+    ("train.max_grad_norm=-1", "[train] max_grad_norm: must be greater than 0"),
+    ("train.epochs=-1", "[train] epochs: must be greater than 0"),
+    ("train.epochs=0", "[train] epochs: must be greater than 0"),
+    ("train.max_steps=0", "[train] max_steps: must be at least 1"),
+    ("train.seed=-1", "[train] seed: must be in [0, 4,294,967,295]"),
+    ("train.batch_size=0", "[train] batch_size: must be at least 1"),
+    ("train.grad_accum=0", "[train] grad_accum: must be at least 1"),
+    ("train.save_steps=0", "[train] save_steps: must be at least 1"),
+    ("train.log_steps=0", "[train] log_steps: must be at least 1"),
+    ("train.save_total_limit=-1", "[train] save_total_limit: must be at least 0"),
+    ("train.max_expanded_len=1", "[train] max_expanded_len: must be at least 2"),
+    ("train.max_expanded_len=16", "[train] max_expanded_len: 16 leaves no room for a block of max_k = 16"),
+    ('train.output_dir=""', "[train] output_dir: must not be empty"),
+    ("fluid.max_k=0", "[fluid] max_k: must be in [1, 128]"),
+    ("fluid.max_k=1000", "[fluid] max_k: must be in [1, 128]"),
+    ("fluid.max_k=128", "[fluid] max_k: 128 makes a training sequence of up to 1024 tokens about 66,560 positions"),
+    ("fluid.p_anchor=1.5", "[fluid] p_anchor: must be in (0, 1]"),
+    ("fluid.p_anchor=0", "[fluid] p_anchor: must be in (0, 1]"),
+    ("fluid.noise=2.0", "[fluid] noise: must be in [0, 1]"),
+    ("fluid.ar_weight=-1", "[fluid] ar_weight: must be at least 0"),
+    ("fluid.diff_weight=nan", "[fluid] diff_weight: must be a finite number"),
+    ('fluid.mask_token=""', "[fluid] mask_token: must not be empty"),
+    ("model.scratch.num_attention_heads=3", "[model.scratch] num_attention_heads: 3 heads do not divide"),
+    ("model.scratch.num_attention_heads=0", "[model.scratch] num_attention_heads: must be at least 1"),
+    ("model.scratch.num_key_value_heads=3", "[model.scratch] num_key_value_heads: 3 do not divide"),
+    ("model.scratch.hidden_size=0", "[model.scratch] hidden_size: must be at least 1"),
+    ("lora.r=0", "[lora] r: must be at least 1"),
+    ("lora.dropout=1.0", "[lora] dropout: must be in [0, 1)"),
+    ("data.cutoff_len=0", "[data] cutoff_len: must be at least 1"),
+    ("data.validation=-1", "[data] validation: must be at least 0"),
+    ("data.validation=2.5", "[data] validation: a count (>= 1) must be whole"),
+    ("data.num_proc=0", "[data] num_proc: must be at least 1"),
+    ("data.seed=-3", "[data] seed: must be in [0, 4,294,967,295]"),
+    ('data.sources=[{path="synthetic:arithmetic", num_samples=1000000000}]',
+     "[data] sources[0] num_samples: must be in [1, 100,000,000]"),
+    ('data.sources=[{path="synthetic:arithmetic", num_samples=5000000}]',
+     "[data] sources[0] num_samples: 5,000,000 synthetic rows are more than the 1,000,000"),
+    ('data.sources=[{path="a.jsonl", num_samples=0}]', "[data] sources[0] num_samples: must be in [1, 100,000,000]"),
+    ('data.sources=[{path="a.jsonl", weight=nan}]', "[data] sources[0] weight: must be a finite number"),
+    ('data.sources=[{path="a.jsonl", weight=-2.0}]', "[data] sources[0] weight: must be greater than 0"),
+    ('data.sources=[{path="self", num_samples=4, prefix_tokens=[5, 2]}]',
+     "[data] sources[0] prefix_tokens: expected [min, max] with 1 <= min <= max"),
+    ("data.regenerate={temperature=0.0}", "[data.regenerate] temperature: must be greater than 0"),
+    ("data.regenerate={max_new_tokens=0}", "[data.regenerate] max_new_tokens: must be at least 1"),
+    ("data.regenerate={batch_size=0}", "[data.regenerate] batch_size: must be at least 1"),
+    ("data.regenerate={num_proc=0}", "[data.regenerate] num_proc: must be at least 1"),
+    ("khead.tau=0", "[khead] tau: must be greater than 0"),
+    ("khead.tau=inf", "[khead] tau: must be a finite number"),
+    ("khead.sigma=0", "[khead] sigma: must be greater than 0"),
+    ("khead.steps=0", "[khead] steps: must be at least 1"),
+    ("khead.holdout=1.0", "[khead] holdout: must be in (0, 1)"),
+    ("khead.max_examples=1", "[khead] max_examples: must be at least 2"),
+    ("khead.max_memory_mb=-1", "[khead] max_memory_mb: must be at least 0"),
+    ("generate.tau=-1", "[generate] tau: must be greater than 0"),
+    ("generate.threshold=2", "[generate] threshold: must be in [0, 1]"),
+    ("generate.max_k=0", "[generate] max_k: must be in [1, 128]"),
+    ("eval.limit=0", "[eval] limit: must be at least 1"),
+    ("eval.batch_size=0", "[eval] batch_size: must be at least 1"),
+    ("eval.num_fewshot=-1", "[eval] num_fewshot: must be at least 0"),
+    ("launch.num_processes=0", "[launch] num_processes: must be at least 1"),
+    ("launch.main_process_port=70000", "[launch] main_process_port: must be in [1, 65,535]"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[v[0] for v in BAD_VALUES])
+def test_a_bad_value_from_set_names_the_set_argument(tmp_path, override, message):
+    path = tmp_path / "r.toml"
+    path.write_text("[model.scratch]\nhidden_size = 128\n[lora]\nenabled = false\n[khead]\nlr = 1e-3\n")
+    error_line(fluid("recipe", path, "--set", override), f"--set {override}: {message}")
+
+
+@pytest.mark.parametrize("table, key, value, message", [
+    ("train", "lr", "0.0", "[train] lr: must be greater than 0"),
+    ("train", "epochs", "-1", "[train] epochs: must be greater than 0"),
+    ("fluid", "max_k", "1000", "[fluid] max_k: must be in [1, 128]"),
+    ("khead", "holdout", "nan", "[khead] holdout: must be a finite number"),
+    ("generate", "min_k", "6\nmax_k = 4", "[generate] min_k: 6 is above max_k = 4"),
+    ("model.scratch", "nope", "1", "[model.scratch] nope: unknown key"),
+])
+def test_a_bad_value_in_the_file_names_file_line_and_key(tmp_path, table, key, value, message):
+    path = tmp_path / "r.toml"
+    path.write_text(f"# a recipe\n[data]\ncutoff_len = 64\n[{table}]\n{key} = {value}\n")
+    error_line(fluid("recipe", path), f"{path}:5: {message}")
+
+
+def test_a_key_of_the_second_array_table_is_found_on_its_line(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[data.sources]]\npath = "a.jsonl"\nweight = 1.0\n\n[[data.sources]]\npath = "b.jsonl"\n'
+                    'weight = -1.0\n')
+    error_line(fluid("recipe", path), f"{path}:7: [data] sources[1] weight: must be greater than 0")
+
+
+def test_a_bad_set_value_is_not_blamed_on_a_recipe_line(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[khead]\nlr = 1e-3\n[train]\nseed = 1\n")
+    line = error_line(fluid("recipe", path, "--set", "train.lr=fast"))
+    assert line == "error: --set train.lr=fast: [train] lr: expected a float, got 'fast'"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "m", "-p", "x", "--tau", "nan"], "--tau nan: [generate] tau: must be a finite number"),
+    (["generate", "--model", "m", "-p", "x", "--tau", "0"], "--tau 0: [generate] tau: must be greater than 0"),
+    (["generate", "--model", "m", "-p", "x", "--tau", "-1"], "--tau -1: [generate] tau: must be greater than 0"),
+    (["generate", "--model", "m", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: [generate] max_new"),
+    (["generate", "--model", "m", "-p", "x", "--max-k", "4", "--min-k", "8"], "--min-k 8: [generate] min_k: 8 is"),
+    (["bench", "decode", "--model", "m", "-p", "x", "--threshold", "1.5"], "--threshold 1.5: [generate] threshold"),
+    (["eval", "arithmetic", "--model", "m", "--limit", "0"], "--limit 0: [eval] limit: must be at least 1"),
+    (["eval", "arithmetic", "--model", "m", "--limit", "-1"], "--limit -1: [eval] limit: must be at least 1"),
+    (["eval", "arithmetic", "--model", "m", "--batch-size", "0"], "--batch-size 0: [eval] batch_size"),
+    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "0"], "--limit 0: must be at least 1"),
+    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "-1"], "--limit -1: must be at least 1"),
+])
+def test_a_bad_flag_value_names_the_flag(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # the outputs' default folders are relative
+    error_line(fluid(*args), message)
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+# --------------------------------------------------------------------------------------------- text that is not UTF-8
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_bytes(b"[train]\nlr = 1e-4\n# caf\xe9\n")
+    error_line(fluid("recipe", path), f"{path}:3: not UTF-8 text")
+
+
+@pytest.mark.parametrize("name, content, fmt, message", [
+    ("rows.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n', "prompt_response",
+     "rows.jsonl:2: malformed JSON (not UTF-8 text"),
+    ("rows.csv", b'prompt,response\na,b\nc,d\n\xff,e\n', "prompt_response", "rows.csv:4: not UTF-8 text"),
+    ("rows.json", b'[{"prompt": "a", "response": "\xff"}]', "prompt_response", "rows.json:1: malformed JSON"),
+])
+def test_a_data_file_that_is_not_utf8_names_file_and_line(tmp_path, name, content, fmt, message):
+    (tmp_path / name).write_bytes(content)
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_SCRATCH_RECIPE + f'[[data.sources]]\npath = "{tmp_path / name}"\nformat = "{fmt}"\n'
+                                          f'[data]\noutput_dir = "{tmp_path / "out"}"\ntemplate = "none"\n')
+    error_line(fluid("prepare-data", path), message, alone=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_that_are_not_utf8(tmp_path, model_dir):
+    (tmp_path / "p.txt").write_bytes(b"hello\n\xff\n")
+    error_line(fluid("generate", "--model", model_dir, "--prompt-file", tmp_path / "p.txt"), "p.txt:2: not UTF-8")
+    error_line(runner.invoke(app, ["generate", "--model", str(model_dir)], input=b"\xff\xfe"), "stdin: not UTF-8")
+
+
+# --------------------------------------------------------------------------------------------- damaged model folders
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_meta(**fields: object):
+    def edit(folder: Path) -> None:
+        meta = json.loads((folder / META_NAME).read_text())
+        meta.update(fields)
+        (folder / META_NAME).write_text(json.dumps(meta))
+    return edit
+
+
+DAMAGE = {
+    "model.safetensors truncated": (lambda f: truncate(f / "model.safetensors"), "model.safetensors: corrupt or"),
+    "model.safetensors empty": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors: corrupt"),
+    "model.safetensors deleted": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "k_head truncated": (lambda f: truncate(f / KHEAD_NAME), "k_head.safetensors: corrupt or truncated"),
+    "k_head empty": (lambda f: (f / KHEAD_NAME).write_bytes(b""), "k_head.safetensors: corrupt or truncated"),
+    "k_head of another shape": (lambda f: save_file(KHead(16, 4).state_dict(), f / KHEAD_NAME),
+                                "k_head.safetensors: K-head weights of another shape"),
+    "tokenizer deleted": (lambda f: [p.unlink() for p in f.glob("tokenizer*")], "no tokenizer files"),
+    "config.json damaged": (lambda f: (f / "config.json").write_text("{"), "config.json: unreadable JSON"),
+    "fluid.json not UTF-8": (lambda f: (f / META_NAME).write_bytes(b"\xff{}"), "fluid.json: not UTF-8 text"),
+    "fluid.json max_k": (edit_meta(max_k="abc"), "fluid.json: max_k: expected an integer, got 'abc'"),
+    "fluid.json format_version": (edit_meta(format_version="x"), "fluid.json: format_version: expected an integer"),
+    "fluid.json khead": (edit_meta(khead="calibrated"), "fluid.json: khead: expected a table, got 'calibrated'"),
+    "fluid.json mask id": (edit_meta(mask_token_id=10**6), "fluid.json: mask_token_id: 1000000 is outside"),
+}
+REMEDY = "re-run `fluid train-stage1`"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("command", ["load_model", "generate", "bench", "eval", "calibrate-khead"])
+def test_a_damaged_model_folder_is_one_line_naming_the_file_and_the_fix(tmp_path, model_dir, dataset, damage,
+                                                                        command):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    hurt, message = DAMAGE[damage]
+    hurt(folder)
+    before = snapshot(folder)
+    if command == "load_model":
+        with pytest.raises(FluidError, match="re-run `fluid train-stage1`") as e:
+            load_model(folder)
+        assert message in str(e.value) and "\n" not in str(e.value)
+        return
+    if command == "generate":
+        result = fluid("generate", "--model", folder, "-p", "hi", "--max-new-tokens", "2")
+    elif command == "bench":
+        result = fluid("bench", "decode", "--model", folder, "-p", "hi", "--max-new-tokens", "2",
+                       "-o", tmp_path / "b.json")
+    elif command == "eval":
+        (tmp_path / "held" / "arithmetic").mkdir(parents=True)
+        (tmp_path / "held" / "arithmetic" / "test.jsonl").write_text(json.dumps(arithmetic_rows(1, 0)[0]) + "\n")
+        result = fluid("eval", "arithmetic", "--model", folder, "--data-dir", tmp_path / "held", "--output-dir",
+                       tmp_path / "ev")
+    else:
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\nsteps = 2\n')
+        result = fluid("calibrate-khead", recipe)
+    error_line(result, message, REMEDY)
+    assert snapshot(folder) == before
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: truncate(f / "adapter_model.safetensors"), "adapter_model.safetensors: corrupt or truncated"),
+    (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors: corrupt"),
+    (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
+    (lambda f: (f / "adapter_config.json").write_text("{nope"), "adapter_config.json: unreadable JSON"),
+], ids=["truncated", "empty", "deleted", "config damaged"])
+def test_a_damaged_lora_adapter_is_one_line(tmp_path, lora_dir, damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(lora_dir, folder)
+    damage(folder)
+    error_line(fluid("generate", "--model", folder, "-p", "hi", "--max-new-tokens", "2"), message, REMEDY)
+
+
+def test_a_damaged_plain_model_names_its_weight_file(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "plain")
+    tiny_tokenizer().save_pretrained(tmp_path / "plain")
+    truncate(tmp_path / "plain" / "model.safetensors")
+    error_line(fluid("generate", "--model", tmp_path / "plain", "-p", "hi", "--horizon", "fixed"),
+               "plain/model.safetensors: corrupt or truncated weight file", "re-download or re-save the model")
+
+
+# --------------------------------------------------------------------------------------------- output locations
+
+
+def must_not_run(monkeypatch, target: str) -> None:
+    """Fail the test if the work behind `target` starts: the output check must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{target} ran before the output location was checked")
+    monkeypatch.setattr(target, refuse)
+
+
+def output_case(kind: str, tmp_path: Path, out: Path, model_dir: Path, dataset: Path, monkeypatch) -> list[str]:
+    """The command line that writes to `out` (a folder, or for bench a file), with its heavy work forbidden."""
+    if kind == "prepare-data":
+        must_not_run(monkeypatch, "fluid_cli.data.read_source")
+        (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                                               f'num_samples = 4\n[data]\noutput_dir = "{out}"\n')
+        return ["prepare-data", str(tmp_path / "r.toml")]
+    if kind == "train-stage1":
+        must_not_run(monkeypatch, "fluid_cli.train.setup")
+        return ["train-stage1", str(train_recipe(tmp_path, dataset, out=out))]
+    if kind == "eval":
+        must_not_run(monkeypatch, "fluid_cli.evaluate.plan_tasks")
+        return ["eval", "arithmetic", "--model", str(model_dir), "--output-dir", str(out)]
+    if kind == "bench":
+        must_not_run(monkeypatch, "fluid_cli.bench.load_decoding_model")
+        return ["bench", "decode", "--model", str(model_dir), "-p", "hi", "-o", str(out)]
+    must_not_run(monkeypatch, "fluid_cli.data.run")
+    return ["demo", "--fast", "--out", str(out)]
+
+
+WRITERS = ["prepare-data", "train-stage1", "eval", "bench", "demo"]
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_a_read_only_output_location_fails_before_any_work(tmp_path, model_dir, dataset, monkeypatch, read_only, kind):
+    ro = tmp_path / "ro"
+    out = ro / ("report.json" if kind == "bench" else "out")
+    args = output_case(kind, tmp_path, out, model_dir, dataset, monkeypatch)
+    read_only(ro)
+    error_line(fluid(*args), f"cannot write to {ro} (permission denied)")
+    assert not out.exists()
+
+
+def test_calibrating_a_read_only_model_folder_fails_before_any_work(tmp_path, model_dir, dataset, monkeypatch,
+                                                                    read_only):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    must_not_run(monkeypatch, "fluid_cli.calibrate.load_model")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\n')
+    before = snapshot(folder)
+    read_only(folder)
+    error_line(fluid("calibrate-khead", recipe), f"cannot write to {folder}", "[khead] model_dir")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_a_file_where_a_folder_is_expected(tmp_path, model_dir, dataset, monkeypatch, kind):
+    if kind == "bench":  # bench writes a file: a folder is what is in the way
+        out = tmp_path / "a-folder"
+        out.mkdir()
+        message = "a folder, where an output file is expected"
+    else:
+        out = tmp_path / "a-file"
+        out.write_text("keep me")
+        message = "a file, where an output folder is expected"
+    args = output_case(kind, tmp_path, out, model_dir, dataset, monkeypatch)
+    error_line(fluid(*args), f"{out}: {message}")
+    assert out.is_dir() if kind == "bench" else out.read_text() == "keep me"
+
+
+def test_a_file_in_the_path_of_an_output_folder(tmp_path, dataset, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    args = output_case("train-stage1", tmp_path, tmp_path / "a-file" / "out", None, dataset, monkeypatch)
+    error_line(fluid(*args), "a-file is a file, so no folder can be made there")
+
+
+@pytest.mark.parametrize("kind", ["eval", "bench", "prepare-data"])
+def test_existing_results_are_kept_without_overwrite(tmp_path, model_dir, dataset, monkeypatch, kind):
+    out = tmp_path / ("report.json" if kind == "bench" else "out")
+    args = output_case(kind, tmp_path, out, model_dir, dataset, monkeypatch)
+    if kind == "bench":
+        out.write_text("{}")
+    else:
+        out.mkdir()
+        (out / "results.json").write_text("{}")
+    before = snapshot(tmp_path)
+    error_line(fluid(*args), "exists; pass --overwrite to replace it")
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_overwrite_replaces_the_results(tmp_path, model_dir):
+    (tmp_path / "held" / "arithmetic").mkdir(parents=True)
+    (tmp_path / "held" / "arithmetic" / "test.jsonl").write_text(json.dumps(arithmetic_rows(1, 0)[0]) + "\n")
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    result = fluid("eval", "arithmetic", "--model", model_dir, "--data-dir", tmp_path / "held", "--output-dir", out,
+                   "--limit", "1", "--overwrite", "--set", "eval.max_gen_toks=4")
+    assert result.exit_code == 0, result.output
+    assert "arithmetic" in json.loads((out / "results.json").read_text())["tasks"]
+
+
+def test_a_second_writer_of_a_training_folder_fails_at_once(tmp_path, dataset, monkeypatch):
+    out = tmp_path / "out"
+    recipe = train_recipe(tmp_path, dataset)
+    with io.output_lock(out, "[train] output_dir"):  # another run holds the folder
+        before = snapshot(out)
+        error_line(fluid("train-stage1", recipe), f"another fluid process (pid {os.getpid()}) is training into")
+        assert snapshot(out) == before
+        with pytest.raises(FluidError, match="another fluid process"), io.output_lock(out, "[train] output_dir"):
+            pass  # the lock itself refuses too (a second writer that got past the first look)
+        monkeypatch.setenv("RANK", "1")  # a second process of the run that holds the lock: not a second writer
+        train.preflight(load_recipe_text(recipe.read_text()), resume=False)
+    assert io.locked_by(out) is None  # released with its holder
+
+
+def test_a_second_calibration_of_a_model_folder_fails_at_once(tmp_path, model_dir, dataset):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\n')
+    with io.output_lock(folder, "[train] output_dir"):
+        error_line(fluid("calibrate-khead", recipe), "another fluid process", "[khead] model_dir")
+
+
+# --------------------------------------------------------------------------------------------- staging left behind
+
+
+def test_staging_a_killed_run_left_is_removed_by_the_next_run(tmp_path, trained, dataset, model_dir):
+    pid = dead_pid()
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    stale = [out / "checkpoints" / ".step-00000006.tmp", out / f".staging.{pid}.abc"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "partial.bin").write_bytes(b"x" * 100)
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale)
+    load_model(out)
+
+    data_out = tmp_path / "prepared"
+    leftovers = [tmp_path / f".prepared.{pid}.xyz.tmp", tmp_path / f".prepared.work-{pid}.xyz"]
+    for folder in leftovers:
+        folder.mkdir()
+    (tmp_path / "d.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                                           f'num_samples = 8\n[data]\noutput_dir = "{data_out}"\n')
+    assert fluid("prepare-data", tmp_path / "d.toml").exit_code == 0
+    assert not any(p.exists() for p in leftovers) and (data_out / "stats.json").is_file()
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    spill = folder / f".calibrate.{pid}.abc"
+    spill.mkdir()
+    (tmp_path / "c.toml").write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\n'
+                                     "steps = 2\n")
+    assert fluid("calibrate-khead", tmp_path / "c.toml").exit_code == 0
+    assert not spill.exists()
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_folder_back(tmp_path):
+    out = tmp_path / "data"
+    (tmp_path / ".data.old").mkdir()
+    (tmp_path / ".data.old" / "stats.json").write_text("{}")
+    io.recover_dir(out)
+    assert (out / "stats.json").is_file() and not (tmp_path / ".data.old").exists()
+
+
+def test_sigint_removes_the_staging_folders(tmp_path, trained, dataset, model_dir, monkeypatch):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    from accelerate import Accelerator
+
+    def interrupted(self, output_dir, **kwargs):
+        (Path(output_dir) / "partial.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(load_recipe_text(recipe.read_text(), ["train.max_steps=6"]), resume=True)
+    assert not list((out / "checkpoints").glob(".step-*")) and load_model(out).max_k == 4
+    monkeypatch.undo()
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+
+    def interrupted_fit(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "fit_head", interrupted_fit)
+    cfg = load_recipe_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\n'
+                           "max_memory_mb = 0\n")  # the pairs spill to the model folder
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.run(cfg)
+    assert not list(folder.glob(".calibrate.*"))
+    monkeypatch.undo()
+
+    import datasets
+
+    from fluid_cli import data
+
+    def interrupted_save(self, path, **kwargs):
+        (Path(path) / "partial.arrow").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", interrupted_save)
+    prepared = tmp_path / "prepared"
+    with pytest.raises(KeyboardInterrupt):
+        data.run(load_recipe_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                                        f'num_samples = 8\n[data]\noutput_dir = "{prepared}"\n'))
+    assert not prepared.exists() and not list(tmp_path.glob(".prepared*"))
+
+
+# --------------------------------------------------------------------------------------------- a full disk
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def writes_then_no_space(target_of):
+    """A writer that leaves a partial file where it was writing, then finds the disk full."""
+    def write(*args, **kwargs):
+        target = Path(target_of(*args, **kwargs))
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "partial.bin").write_bytes(b"x" * 1000)
+        no_space()
+    return write
+
+
+def test_a_full_disk_during_a_checkpoint(tmp_path, trained, dataset, monkeypatch):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "save_state", writes_then_no_space(lambda self, output_dir, **k: output_dir))
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
+    error_line(result, "the disk is full", "the partial checkpoint .step-00000006.tmp was removed", alone=False)
+    assert not list((out / "checkpoints").glob(".step-*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert load_model(out).max_k == 4  # the finished model is kept
+
+
+def test_a_full_disk_during_the_final_save(tmp_path, trained, dataset, monkeypatch):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    before = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr("fluid_cli.folder._write_khead", writes_then_no_space(lambda model, stage: stage))
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=5", "--set", "train.save_steps=10")
+    error_line(result, f"{out}: the disk is full", "the partial output was removed", alone=False)
+    assert not list(out.glob(".staging*")) and (out / "model.safetensors").read_bytes() == before
+    load_model(out)
+
+
+def test_a_full_disk_during_prepare_data(tmp_path, monkeypatch):
+    import datasets
+
+    out = tmp_path / "data"
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                                           f'num_samples = 8\n[data]\noutput_dir = "{out}"\n')
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", writes_then_no_space(lambda self, path: path))
+    error_line(fluid("prepare-data", tmp_path / "r.toml"), f"{out}: the disk is full", alone=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]  # no output, no staging left
+
+
+def test_a_full_disk_during_calibration_keeps_the_model(tmp_path, model_dir, dataset, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    before = snapshot(folder)
+    monkeypatch.setattr("fluid_cli.folder._write_khead", writes_then_no_space(lambda model, stage: stage))
+    (tmp_path / "r.toml").write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{dataset}"\n'
+                                     "steps = 2\n")
+    error_line(fluid("calibrate-khead", tmp_path / "r.toml"), "the disk is full", alone=False)
+    assert snapshot(folder) == before
+
+
+# --------------------------------------------------------------------------------------------- training runs
+
+
+def test_a_loss_that_is_not_finite_stops_training_and_keeps_the_last_checkpoint(tmp_path, dataset, monkeypatch):
+    real = train.Stage1Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, ex):
+        calls["n"] += 1
+        out = real(self, ex)
+        if calls["n"] >= 3:  # from step 3 on (one micro-batch per step)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train.Stage1Objective, "forward", poisoned)
+    out = tmp_path / "out"
+    result = fluid("train-stage1", train_recipe(tmp_path, dataset))
+    error_line(result, "step 3: the training loss is not a finite number",
+               f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is kept", alone=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (out / META_NAME).exists()
+    assert all(r["step"] < 3 for r in map(json.loads, (out / train.METRICS_NAME).read_text().splitlines()))
+
+
+def test_resuming_past_the_end_of_the_run_is_refused(tmp_path, trained, dataset):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    before = snapshot(out)
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=2")
+    error_line(result, "--resume: the newest checkpoint is after step 4, beyond the run's 2 steps", alone=False)
+    assert snapshot(out) == before
+
+
+def test_a_max_expanded_len_without_room_for_a_block(tmp_path, dataset):
+    result = fluid("train-stage1", train_recipe(tmp_path, dataset), "--set", "train.max_expanded_len=20")
+    error_line(result, "[train] max_expanded_len: 20 leaves no room for a block of max_k = 4 after the longest row",
+               alone=False)
+    assert not (tmp_path / "out").exists()  # the lock made the folder, and nothing else went into it
+
+
+def test_a_log_file_gets_plain_progress_lines(tmp_path, dataset, monkeypatch):
+    monkeypatch.setattr(train, "PLAIN_PROGRESS_S", 0.0)
+    result = fluid("train-stage1", train_recipe(tmp_path, dataset))  # CliRunner's stderr is not a terminal
+    assert result.exit_code == 0, result.output
+    for step in (1, 2, 3, 4):
+        assert f"stage 1: step {step}/4, loss " in result.stderr
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+from fluid_cli import folder, io
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def die_after_removing_the_marker(folder_path, last):
+    (folder_path / last).unlink(missing_ok=True)  # the moment the old model is no longer whole
+    die()
+
+if sys.argv[1] == "writing":  # while the new files are written into the staging folder
+    folder._write_khead = die
+else:  # while they replace the old ones
+    io._move_ready = die_after_removing_the_marker
+from fluid_cli.cli import app
+app(sys.argv[2:])
+"""
+
+
+def killed_at_save(where: str, *args: object) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_SAVE, where, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_kill_at_the_final_save_leaves_a_usable_model(tmp_path, dataset):
+    out = tmp_path / "out"
+    killed_at_save("moving", "train-stage1", train_recipe(tmp_path, dataset))
+    assert not (out / META_NAME).exists()  # the kill came after the marker was removed ...
+    model = load_model(out)  # ... and the next reader finishes the save
+    assert model.max_k == 4 and not list(out.glob(".staging*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["writing", "moving"])
+def test_a_kill_while_resuming_a_finished_run_leaves_a_usable_model(tmp_path, trained, dataset, where):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    old = (out / "model.safetensors").read_bytes()
+    # (step 5 runs at the finished run's last learning rate, 0: step 6 is the first to change the weights)
+    killed_at_save(where, "train-stage1", recipe, "--resume", "--set", "train.max_steps=6", "--set",
+                   "train.save_steps=10")
+    load_model(out)  # the old model (killed while writing) or the new one (killed while moving)
+    assert ((out / "model.safetensors").read_bytes() == old) == (where == "writing")
+    assert not list(out.glob(".staging*"))
+
+
+# --------------------------------------------------------------------------------------------- data sources
+
+
+def test_rows_without_trained_roles_name_a_row_and_the_roles(tmp_path):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "human", "content": "hi"},
+                                                                  {"role": "bot", "content": "yo"}]}) + "\n")
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + f'[[data.sources]]\npath = "{tmp_path / "chat.jsonl"}"\n'
+                                                           f'[data]\noutput_dir = "{tmp_path / "out"}"\n')
+    error_line(fluid("prepare-data", tmp_path / "r.toml"), "no examples left", "chat.jsonl:1", 'role "assistant"',
+               alone=False)
+
+
+def test_a_file_name_with_glob_characters_is_read_as_a_file(tmp_path):
+    (tmp_path / "rows[1].jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + f'[[data.sources]]\npath = "{tmp_path / "rows[1].jsonl"}"\n'
+                                     f'format = "prompt_response"\n[data]\noutput_dir = "{tmp_path / "out"}"\n')
+    result = fluid("prepare-data", tmp_path / "r.toml")
+    assert result.exit_code == 0, result.output
+
+
+def test_absurd_sample_counts_are_refused_before_any_work(tmp_path):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": str(i), "response": "b"}) + "\n"
+                                                 for i in range(20)))
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + f'[[data.sources]]\npath = "{tmp_path / "rows.jsonl"}"\n'
+                                     f'format = "prompt_response"\nnum_samples = 100000\n'
+                                     f'[data]\noutput_dir = "{tmp_path / "out"}"\n')
+    error_line(fluid("prepare-data", tmp_path / "r.toml"), "rows.jsonl: num_samples = 100,000 would repeat each of "
+                                                           "its 20 rows 5,000 times (at most 1,000)")
+    error_line(fluid("prepare-data", tmp_path / "r.toml", "--set",
+                     'data.sources=[{path="synthetic:arithmetic", num_samples=1000000000}]'), "num_samples")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml", "rows.jsonl"]
+
+
+# --------------------------------------------------------------------------------------------- stdout and noise
+
+
+def test_generate_json_with_stdout_closed_fails(tmp_path, model_dir):
+    proc = subprocess.run(f'{sys.executable} -m fluid_cli generate --model "{model_dir}" -p hi --json >&-',
+                          shell=True, stderr=subprocess.PIPE, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stdout is closed" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_prints_no_git_error_and_no_foreign_progress_bars(tmp_path, model_dir, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # not a git checkout: `git describe` fails here
+    (tmp_path / "held" / "arithmetic").mkdir(parents=True)
+    (tmp_path / "held" / "arithmetic" / "test.jsonl").write_text(json.dumps(arithmetic_rows(1, 0)[0]) + "\n")
+    result = fluid("eval", "arithmetic", "--model", model_dir, "--data-dir", "held", "--output-dir", "ev",
+                   "--limit", "1", "--set", "eval.max_gen_toks=4")
+    assert result.exit_code == 0, result.output
+    captured = capfd.readouterr()
+    assert "fatal" not in captured.err + result.stderr
+    assert "it/s]" not in result.stderr and "examples/s]" not in result.stderr, result.stderr
+    assert evaluate.RESULTS_NAME in result.stderr
