@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,9 +30,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fluid_cli.config import DataConfig, Recipe
+from fluid_cli import regenerate
+from fluid_cli.config import DataConfig, DataSource, Recipe
 from fluid_cli.errors import FluidError
-from fluid_cli.io import atomic_dir, write_json_atomic
+from fluid_cli.io import atomic_dir, check_output_dir, recover_dir, staging_dir, write_json_atomic
 from fluid_cli.layout import IGNORE
 from fluid_cli.render import (
     ENCODED_FEATURES,
@@ -53,15 +52,11 @@ console = Console(soft_wrap=True)
 
 
 def check_settings(data: DataConfig, where: str) -> None:
+    """What prepare-data needs beyond the recipe's own ranges (checked when it was loaded), before any work: sources,
+    and an output folder that can be written."""
     if not data.sources:
         raise FluidError(f"{where}: [data] sources: no sources (add a [[data.sources]] table with a path)")
-    if data.cutoff_len < 1:
-        raise FluidError(f"{where}: [data] cutoff_len: must be at least 1, got {data.cutoff_len}")
-    if data.validation < 0:
-        raise FluidError(f"{where}: [data] validation: must be a fraction (< 1) or a count (>= 1), "
-                         f"got {data.validation}")
-    if data.num_proc < 1:
-        raise FluidError(f"{where}: [data] num_proc: must be at least 1, got {data.num_proc}")
+    check_output_dir(data.output_dir, "[data] output_dir")
     reserved = RESERVED_TEMPLATE_KWARGS & set(data.template_kwargs)
     if reserved:
         raise FluidError(f"{where}: [data] template_kwargs: prepare-data sets {', '.join(sorted(reserved))} itself")
@@ -119,17 +114,20 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
 
     data, where = cfg.data, cfg.source or "recipe"
     check_settings(data, where)
-    specs = [source_spec(src, i, data, where) for i, src in enumerate(data.sources)]
+    regenerate.check(data.regenerate, regeneration_model(cfg), data.sources, data.cutoff_len, where,
+                     cfg.model.trust_remote_code)
+    text = [src for src in data.sources if src.path != regenerate.SELF]  # sources with rows to read
+    specs = [source_spec(src, i, data, where) for i, src in enumerate(data.sources) if src.path != regenerate.SELF]
     out = Path(data.output_dir)
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
     started = time.perf_counter()
     with scratch_dir(out) as work:
-        sources = [read_source(src, spec, data, work) for src, spec in zip(data.sources, specs)]
-        for src, source in zip(data.sources, sources):
+        sources = [read_source(src, spec, data, work) for src, spec in zip(text, specs)]
+        for src, source in zip(text, sources):
             if not len(source):
                 raise FluidError(f"{src.path}: no usable rows ({source.bad} malformed rows skipped)")
-        picked = select_rows([len(s) for s in sources], data.sources, data.seed)
+        picked = select_rows([len(s) for s in sources], text, data.seed)
         tokenizer = recipe_tokenizer(cfg.model, corpus=lambda: corpus(sources, picked, specs, work))
         scratch = cfg.model.scratch
         tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"
@@ -140,11 +138,14 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         encoded = encode(sources, picked, tokenizer, specs, data, tokenizer_name, work)
         tokenize_seconds = time.perf_counter() - tokenize_started
 
-        book = bookkeeping(encoded, sources, picked, data, where)
-        examples = encoded_stages(kept_rows(encoded, book.keep, work), cfg, tokenizer, work)
+        book = bookkeeping(encoded, sources, picked, data, where, allow_empty=len(text) < len(data.sources))
+        examples, regenerated = encoded_stages(kept_rows(encoded, book.keep, work), cfg, tokenizer, work)
+        if not len(examples):
+            raise FluidError(f"{where}: [data]: no examples left after regeneration (every prompt filled "
+                             "cutoff_len; raise [data] cutoff_len)")
         dataset = split(examples, data, where, work)
-        stats = summarize(cfg, specs, tokenizer_name, sources, picked, book, examples,
-                          {name: len(ds) for name, ds in dataset.items()})
+        stats = summarize(cfg, text, specs, tokenizer_name, sources, picked, book, examples,
+                          {name: len(ds) for name, ds in dataset.items()}, regenerated)
         try:
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 dataset.save_to_disk(str(tmp))
@@ -153,32 +154,59 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
                 cfg.save(tmp)
         except FileExistsError:
             raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
-    print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds)
+    regenerate.remove_cache(out)  # the output is complete: an interrupted regeneration needs no resuming
+    print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds,
+                  regenerated=regenerated)
     return stats
 
 
-def encoded_stages(examples: Any, cfg: Recipe, tokenizer: Any, work: Path) -> Any:
-    """The stage boundary between the encoded examples and the split/save (stages go here, one call each).
+def regeneration_model(cfg: Recipe) -> str | None:
+    """The model that regenerates: `[data.regenerate] model`, else the recipe's `[model] path`."""
+    return None if cfg.data.regenerate is None else cfg.data.regenerate.model or cfg.model.path
+
+
+def encoded_stages(examples: Any, cfg: Recipe, tokenizer: Any, work: Path) -> tuple[Any, dict | None]:
+    """The stages between the encoded examples and the split/save; returns the examples and what the stages
+    report for `stats.json`.
 
     `examples` is a `datasets.Dataset` of the kept examples in mixture order: `input_ids` and `labels`, plus the
     bookkeeping columns `truncated`, `n_tokens` and `n_trained`, which nothing after this reads. A stage that
-    rewrites examples (self-distillation, say) takes such a dataset and returns one with `input_ids` and `labels`;
-    `work` is the run's scratch folder for its Arrow files. What it returns must carry a fixed fingerprint
-    (`new_fingerprint=` on its `map`) so that the output stays byte-identical run to run. The token counts and
-    lengths in `stats.json` are read from what this returns; `truncated` counts the cut made when encoding.
+    rewrites examples takes such a dataset and returns one with `input_ids` and `labels`; `work` is the run's
+    scratch folder for its Arrow files. What it returns must carry a fixed fingerprint so that the output stays
+    byte-identical run to run. The token counts and lengths in `stats.json` are read from what this returns.
+
+    The one stage: self-distillation (`[data.regenerate]`, `fluid_cli.regenerate`), which replaces every
+    example's trained part with the model's own continuation and adds the prompts of `self` sources.
     """
-    return examples
+    data = cfg.data
+    if data.regenerate is None:
+        return examples, None
+    model = regeneration_model(cfg)
+    if model != (cfg.model.tokenizer or cfg.model.path):
+        check_same_tokens(tokenizer, model, cfg.model.trust_remote_code)
+    regenerated, counts = regenerate.regenerate(
+        examples, data.sources, data.regenerate, model, data.seed, data.cutoff_len, Path(data.output_dir), work,
+        trust_remote_code=cfg.model.trust_remote_code)
+    return regenerated, asdict(counts)
+
+
+def check_same_tokens(tokenizer: Any, model: str, trust_remote_code: bool) -> None:
+    """The regenerating model must read the data's token ids as the data's tokenizer wrote them."""
+    from fluid_cli.hf import load_tokenizer
+
+    other = load_tokenizer(model, trust_remote_code=trust_remote_code).get_vocab()
+    if other != tokenizer.get_vocab():
+        raise FluidError(f"[data.regenerate] model: {model} has another tokenizer than [model] (the data's token ids "
+                         "would mean other tokens); regenerate with a model of the same family")
 
 
 @contextmanager
 def scratch_dir(out: Path) -> Iterator[Path]:
-    """A scratch folder next to `out` for the run's Arrow files (on the same disk, not in memory); removed after."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
-    try:
+    """A scratch folder next to `out` for the run's Arrow files (on the same disk, not in memory); removed after,
+    also on an error or SIGINT. What killed runs left next to `out` is tidied first."""
+    recover_dir(out)
+    with staging_dir(out.parent, f".{out.name}.work-") as work:
         yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def corpus(sources: list[Source], picked: list[np.ndarray], specs: list[SourceSpec], work: Path) -> Iterator[str]:
@@ -282,9 +310,11 @@ def arrow_column(ds: Any, name: str) -> Any:
     return ds.with_format("arrow", columns=[name])[:][name]
 
 
-def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], data: DataConfig, where: str) -> Book:
+def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], data: DataConfig, where: str,
+                allow_empty: bool = False) -> Book:
     """Count errors and drops of the encoded rows with Arrow compute; stop at the first bad row unless
-    `skip_bad_rows`, naming where it is."""
+    `skip_bad_rows`, naming where it is. `allow_empty`: no examples is fine (prompts sampled from the model
+    follow)."""
     import pyarrow.compute as pc
 
     offsets = np.cumsum([0] + [len(idx) for idx in picked])
@@ -310,9 +340,14 @@ def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], d
     is_bad = np.zeros(len(encoded), dtype=bool)
     is_bad[bad] = True
     keep = np.flatnonzero(~is_bad & ~dropped)
-    if not len(keep):
+    if not len(keep) and not allow_empty:
+        example = ""
+        if dropped.any():
+            first = np.flatnonzero(dropped)[:1]
+            place = located(first)[0].removesuffix(": ")
+            example = f"; e.g. {place}: {_drop_reason(drops.take(first)[0].as_py(), data.cutoff_len)}"
         raise FluidError(f"{where}: [data]: no examples left ({len(bad)} bad rows, "
-                         f"{int(dropped.sum())} without trainable tokens within cutoff_len)")
+                         f"{int(dropped.sum())} without trainable tokens within cutoff_len){example}")
     truncated = arrow_column(encoded, "truncated").to_numpy(zero_copy_only=False)
     return Book(
         rows_in=len(encoded),
@@ -323,6 +358,13 @@ def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], d
         trainable_part_cut=int(pc.sum(pc.equal(drops, "trainable_part_cut")).as_py() or 0),
         truncated=int(truncated[keep].sum()),
     )
+
+
+def _drop_reason(reason: str, cutoff_len: int) -> str:
+    if reason == "trainable_part_cut":
+        return f"its trained part starts beyond cutoff_len = {cutoff_len}"
+    return ("nothing in it is trained: only assistant turns are (role \"assistant\"; in sharegpt, from \"gpt\"), "
+            "so a row whose roles are named otherwise trains nothing")
 
 
 def kept_rows(encoded: Any, keep: np.ndarray, work: Path) -> Any:
@@ -361,8 +403,9 @@ def split(examples: Any, data: DataConfig, where: str, work: Path) -> Any:
     return datasets.DatasetDict(splits)
 
 
-def summarize(cfg: Recipe, specs: list[SourceSpec], tokenizer_name: str, sources: list[Source],
-              picked: list[np.ndarray], book: Book, examples: Any, split_sizes: dict[str, int]) -> dict:
+def summarize(cfg: Recipe, text: list[DataSource], specs: list[SourceSpec], tokenizer_name: str,
+              sources: list[Source], picked: list[np.ndarray], book: Book, examples: Any,
+              split_sizes: dict[str, int], regenerated: dict | None) -> dict:
     """The content of `stats.json` (no timings, so that the output folder is byte-identical run to run)."""
     data = cfg.data
     lengths, trainable = token_counts(examples)
@@ -382,13 +425,17 @@ def summarize(cfg: Recipe, specs: list[SourceSpec], tokenizer_name: str, sources
         "sources": [
             {"path": src.path, "format": spec.format, "rows_read": len(s) + s.bad, "rows_used": len(idx),
              "bad_rows": s.bad + int(book.row_errors[i])}
-            for i, (src, spec, s, idx) in enumerate(zip(data.sources, specs, sources, picked))
-        ],
+            for i, (src, spec, s, idx) in enumerate(zip(text, specs, sources, picked))
+        ] + [{"path": src.path, "format": "sampled prompts", "rows_read": 0, "rows_used": src.num_samples,
+              "bad_rows": 0} for src in data.sources if src.path == regenerate.SELF],
         "bad_row_examples": bad_messages[:BAD_EXAMPLES],
         "tokenizer": tokenizer_name,
         "template": data.template,
         "cutoff_len": data.cutoff_len,
         "seed": data.seed,
+        # (not how long it took, nor what an interrupted run had cached: the same output either way)
+        **({"regenerate": {k: v for k, v in regenerated.items() if k not in ("seconds", "cached_chunks")}}
+           if regenerated else {}),
     }
 
 
@@ -396,7 +443,8 @@ def _digest(value: str | bytes) -> str:
     return hashlib.sha256(value if isinstance(value, bytes) else value.encode()).hexdigest()[:16]
 
 
-def print_summary(stats: dict, out: Path, total_seconds: float, tokenize_seconds: float) -> None:
+def print_summary(stats: dict, out: Path, total_seconds: float, tokenize_seconds: float,
+                  regenerated: dict | None = None) -> None:
     sources = Table(title="Sources", title_justify="left")
     for name in ("path", "format", "rows read", "rows used", "bad rows"):
         sources.add_column(name, justify="left" if name in ("path", "format") else "right")
@@ -418,7 +466,16 @@ def print_summary(stats: dict, out: Path, total_seconds: float, tokenize_seconds
     result.add_row("trainable tokens", f"{tokens['trainable']:,} ({100 * tokens['trainable'] / tokens['total']:.1f}%)")
     result.add_row("length mean / max", f"{stats['length']['mean']:.1f} / {stats['length']['max']:,}")
     result.add_row("rows/s (tokenizing / overall)",
-                   f"{rows_in / tokenize_seconds:,.0f} / {rows_in / total_seconds:,.0f}")
+                   f"{rows_in / tokenize_seconds:,.0f} / {rows_in / total_seconds:,.0f}" if rows_in else "-")
+    if regenerated:
+        r = regenerated
+        result.add_row(f"regenerated ({r['settings']['mode']}, {r['settings']['model']})",
+                       f"{r['examples']:,} ({r['self_prompts']:,} from sampled prompts)")
+        result.add_row("generated tokens (ended at EOS / at the limit)",
+                       f"{r['tokens']:,} ({r['ended_at_eos']:,} / {r['ended_at_limit']:,})")
+        result.add_row("generation tokens/s" + (f" ({r['cached_chunks']} chunks from the cache)"
+                                                if r["cached_chunks"] else ""),
+                       f"{r['tokens'] / r['seconds']:,.0f}" if r["seconds"] else "-")
 
     histogram = Table(title="Lengths (tokens)", title_justify="left")
     histogram.add_column("range", justify="right")

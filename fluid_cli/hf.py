@@ -56,34 +56,80 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def check_model_folder(path: str) -> None:
+    """A local model folder needs config.json and weights: say so before any work that would come to nothing."""
+    if not (path.startswith((".", "/", "~")) or os.path.exists(path)):
+        return  # a hub id: only loading can tell
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FluidError(f"{path}: model folder not found" if not folder.exists() else
+                         f"{path}: not a folder (a model is a folder with config.json and weights)")
+    if not (folder / "config.json").is_file():
+        raise FluidError(f"{path}: no config.json (not a transformers model folder)")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise FluidError(f"{path}: no weights (model.safetensors or pytorch_model.bin); the folder holds only the "
+                         "configuration")
+
+
+PLAIN_REMEDY = "re-download or re-save the model"
+
+
+def check_weight_files(folder: Path, remedy: str = PLAIN_REMEDY) -> None:
+    """Every `*.safetensors` file in `folder` must be whole (its header read and its data covered) and its
+    `config.json` / `adapter_config.json` JSON: a damaged file is named before a library fails on it somewhere
+    inside."""
+    import json
+
+    from safetensors import safe_open
+
+    for config in (folder / "config.json", folder / "adapter_config.json"):
+        try:
+            json.loads(config.read_bytes()) if config.is_file() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FluidError(f"{config}: unreadable JSON ({_first_line(e)}); {remedy}") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise FluidError(f"{file}: corrupt or truncated weight file ({_first_line(e)}); {remedy}") from None
+
+
 def load_causal_lm(path: str, *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
-                   attn_implementation: str | None = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained(path)` with one-line errors (local folder or hub id)."""
-    if path.startswith((".", "/", "~")) or os.path.exists(path):
-        folder = Path(path).expanduser()
-        if not folder.exists():
-            raise FluidError(f"{path}: model folder not found")
-        if not folder.is_dir():
-            raise FluidError(f"{path}: not a folder (a model is a folder with config.json and weights)")
-        if not (folder / "config.json").is_file():
-            raise FluidError(f"{path}: no config.json (not a transformers model folder)")
+                   attn_implementation: str | None = None, remedy: str = PLAIN_REMEDY) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path)` with one-line errors (local folder or hub id); `remedy` says
+    how to get a damaged local model whole again."""
+    check_model_folder(path)
+    if Path(path).expanduser().is_dir():
+        check_weight_files(Path(path).expanduser(), remedy)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except SafetensorError as e:  # a truncated or corrupt weight file
-        raise FluidError(f"{path}: corrupt weight file ({_first_line(e)}); re-download or re-save the model") from None
+        raise FluidError(f"{path}: corrupt weight file ({_first_line(e)}); {remedy}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise FluidError(f"{path}: cannot load a causal LM ({_first_line(e)})") from None
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer in a model folder (or of a hub id), with a one-line error when it cannot be read."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, remedy: str | None = None) -> Any:
+    """The tokenizer in a model folder (or of a hub id), with a one-line error when it cannot be read; `remedy`
+    says how to get a damaged local folder whole again."""
+    folder = Path(name).expanduser()
+    fix = f"; {remedy}" if remedy else ""
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FluidError(f"{name}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}){fix}")
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for an unreadable folder
-        raise FluidError(f"{name}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise FluidError(f"{name}: cannot load a tokenizer ({_first_line(e)}){fix}") from None
 
 
 def build_scratch_model(
@@ -194,21 +240,23 @@ def greedy_generate(lm: PreTrainedModel, ids: list[int], max_new_tokens: int, eo
     compared with. Its config is built here, so sampling or penalties in the model's generation_config.json
     cannot turn it into something else; `suppress` bans tokens (a draft-only model's mask token, which its base
     model does not have)."""
-    return greedy_generate_batch(lm, [ids], max_new_tokens, eos_token_ids, pad_token_id, suppress)[0]
+    return generate_batch(lm, [ids], max_new_tokens, eos_token_ids, pad_token_id, suppress)[0]
 
 
-def greedy_generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int,
-                          eos_token_ids: tuple[int, ...] = (), pad_token_id: int | None = None,
-                          suppress: tuple[int, ...] = (), assistant_model: Any = None, **config: Any
-                          ) -> list[list[int]]:
-    """`greedy_generate` over a left-padded batch; each row's tokens end at its first EOS (generate pads the rows
-    that finished early). `config` adds generation settings (a static cache, prompt-lookup decoding);
-    `assistant_model` runs assisted generation."""
+def generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int,
+                   eos_token_ids: tuple[int, ...] = (), pad_token_id: int | None = None, suppress: tuple[int, ...] = (),
+                   temperature: float | None = None, assistant_model: Any = None, **config: Any) -> list[list[int]]:
+    """transformers' `generate` over a left-padded batch, greedy (or, with `temperature`, sampling from the
+    model's whole distribution: no top-k, no top-p; seed torch first); each row's tokens end at its first EOS
+    (generate pads the rows that finished early). `config` adds generation settings (a static cache,
+    prompt-lookup decoding); `assistant_model` runs assisted generation."""
     from transformers import GenerationConfig
 
     eos = list(eos_token_ids) or None
     pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature,
+                                                                  "top_k": 0, "top_p": 1.0}
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                               suppress_tokens=list(suppress) or None, **config)
     device = next(lm.parameters()).device
     width = max(len(p) for p in prompts)
