@@ -349,16 +349,41 @@ def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
     return _set_key(raw, key, parsed, f"--set {item}")
 
 
-def _set_key(raw: dict, key: str, value: Any, origin: str) -> tuple[str, ...]:
-    node = raw
-    parts = tuple(key.split("."))
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise FluidError(f"{origin}: {part!r} is not a table")
-        node = child
-    node[parts[-1]] = value
-    return parts
+def _set_key(raw: dict, key: str, value: Any, origin: str) -> tuple[str | int, ...]:
+    """Set `key` (`table.key`, with `name[i]` for the i-th table of an array such as `data.sources[0].weight`)."""
+    node: Any = raw
+    path: list[str | int] = []
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        name, index = _indexed(part, origin)
+        last = n == len(parts) - 1
+        path.append(name)
+        if index is None:
+            if last:
+                node[name] = value
+                break
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise FluidError(f"{origin}: {name!r} is not a table")
+            continue
+        entries = node.get(name)
+        if not isinstance(entries, list) or not 0 <= index < len(entries):
+            count = len(entries) if isinstance(entries, list) else 0
+            raise FluidError(f"{origin}: {name}[{index}]: the recipe has {count} {name} entr{'y' if count == 1 else 'ies'}")
+        path.append(index)
+        if last:
+            entries[index] = value
+            break
+        node = entries[index]
+    return tuple(path)
+
+
+def _indexed(part: str, origin: str) -> tuple[str, int | None]:
+    """`sources[2]` -> ("sources", 2); `lr` -> ("lr", None)."""
+    match = re.fullmatch(r"([^\[\]]+)(?:\[(\d+)\])?", part)
+    if match is None:
+        raise FluidError(f"{origin}: {part!r}: expected a key or key[index]")
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
 
 
 @dataclass
@@ -368,7 +393,7 @@ class _Where:
 
     file: str
     text: str
-    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
+    origins: dict[tuple[str | int, ...], str] = field(default_factory=dict)
 
     def line_of(self, keypath: tuple[str | int, ...]) -> int | None:
         # tomllib keeps no positions; find the key's line inside its table header's section instead. An index
@@ -398,8 +423,8 @@ class _Where:
 
     def origin(self, keypath: tuple[str | int, ...]) -> str | None:
         """The command-line argument that set `keypath` (or a table holding it), if one did."""
-        names = tuple(k for k in keypath if isinstance(k, str))
-        return next((self.origins[names[:n]] for n in range(len(names), 0, -1) if names[:n] in self.origins), None)
+        return next((self.origins[keypath[:n]] for n in range(len(keypath), 0, -1) if keypath[:n] in self.origins),
+                    None)
 
     def error(self, keypath: tuple[str | int, ...], message: str) -> FluidError:
         loc = self.origin(keypath)

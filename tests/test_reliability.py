@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from fluid_cli import calibrate, evaluate, io, train
 from fluid_cli.cli import app
-from fluid_cli.config import load_recipe_text
+from fluid_cli.config import load_recipe, load_recipe_text
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import KHEAD_NAME, META_NAME, load_model, save_model
 from fluid_cli.khead import KHead
@@ -256,6 +256,17 @@ def test_a_bad_set_value_is_not_blamed_on_a_recipe_line(tmp_path):
     path.write_text("[khead]\nlr = 1e-3\n[train]\nseed = 1\n")
     line = error_line(fluid("recipe", path, "--set", "train.lr=fast"))
     assert line == "error: --set train.lr=fast: [train] lr: expected a float, got 'fast'"
+
+
+def test_set_reaches_an_array_of_tables_by_index(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[data.sources]]\npath = "a.jsonl"\n[[data.sources]]\npath = "b.jsonl"\n')
+    cfg = load_recipe(path, ["data.sources[1].num_samples=7"])
+    assert [s.num_samples for s in cfg.data.sources] == [None, 7]
+    assert error_line(fluid("recipe", path, "--set", "data.sources[1].num_samples=-1")).startswith(
+        "error: --set data.sources[1].num_samples=-1: [data] sources[1] num_samples: must be in")
+    assert error_line(fluid("recipe", path, "--set", "data.sources[2].weight=1")) == (
+        "error: --set data.sources[2].weight=1: sources[2]: the recipe has 2 sources entries")
 
 
 @pytest.mark.parametrize("args, message", [
