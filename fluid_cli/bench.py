@@ -38,8 +38,6 @@ from fluid_cli.io import check_output_file, write_json_atomic
 from fluid_cli.model import FluidModel
 from fluid_cli.prompts import Prompt, encode_prompt
 
-DECODERS = ("hf", "hf-static", "prompt-lookup", "assisted", "ar", "fluid")
-DEFAULT_DECODERS = ("hf", "prompt-lookup", "ar", "fluid")
 BATCH_ONE_ONLY = ("prompt-lookup", "assisted")
 
 
@@ -126,32 +124,26 @@ class _Runners:
         return outputs
 
 
-def run(recipe: Recipe, prompts: list[Prompt], *, output: Path | None = None, limit: int | None = None,
-        json_output: bool = False, batch_sizes: list[int] | None = None, decoders: list[str] | None = None,
-        draft_model: str | None = None, lookup_tokens: int = 8, overwrite: bool = False,
+def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, overwrite: bool = False,
         console: Console | None = None) -> dict[str, Any]:
-    """Run the prompt set through every decoder at every batch size; print the table (or, with `json_output`, the
-    JSON report on stdout) and write the JSON report to `output`."""
+    """Run the prompt set through the `[bench]` decoders at every batch size, decoding as `[generate]` says; print
+    the table (or, with `json_output`, the JSON report on stdout) and write the JSON report to `[bench] output`."""
     console = console or Console(stderr=True)
-    batch_sizes = batch_sizes or [1]
-    if any(b < 1 for b in batch_sizes):
-        raise FluidError(f"--batch-size {','.join(map(str, batch_sizes))}: every batch size must be at least 1")
-    if limit is not None and limit < 1:
-        raise FluidError(f"--limit {limit}: must be at least 1")
-    names = list(decoders or DEFAULT_DECODERS) + (["assisted"] if draft_model and not decoders else [])
-    unknown = [n for n in names if n not in DECODERS]
-    if unknown:
-        raise FluidError(f"--decoders {','.join(unknown)}: unknown (choose from {', '.join(DECODERS)})")
-    if "assisted" in names and not draft_model:
-        raise FluidError("--decoders assisted needs --draft-model DIR (a small model with the same tokenizer)")
+    bench = recipe.bench
+    names = list(dict.fromkeys(bench.decoders + (["assisted"] if bench.draft_model else [])))
+    if "assisted" in names and not bench.draft_model:
+        raise FluidError("[bench] decoders: assisted needs a draft model (--draft-model DIR, a small model with the "
+                         "same tokenizer)")
+    output = Path(bench.output) if bench.output else None
     if output is not None:  # before any work: a report that cannot be written would waste the whole run
         check_output_file(output, "--output", overwrite)
+    draft_model, lookup_tokens, batch_sizes = bench.draft_model, bench.lookup_tokens, bench.batch_sizes
     cfg = generate_config(recipe)
     model = load_decoding_model(cfg)
     device = model.device
     draft = load_causal_lm(draft_model, dtype=model.dtype).to(device).eval() if draft_model else None
     settings = replace(decode_settings(cfg, model), stop=None)  # HF gets no stop strings either
-    encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts[:limit]]
+    encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts[: bench.limit]]
     max_new = min(generation_budget(model, ids, settings.max_new_tokens)[0] for ids in encoded)
     runners = _Runners(model, settings, lookup_tokens, draft)
     counter = ForwardCounter(model)

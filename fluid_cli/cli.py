@@ -346,8 +346,9 @@ def bench_decode(
                                                     show_default=False)] = None,
     draft_model: Annotated[Optional[str], typer.Option("--draft-model", help="A small model with the same tokenizer "
                                                        "for assisted generation.", show_default=False)] = None,
-    lookup_tokens: Annotated[int, typer.Option("--lookup-tokens", help="prompt_lookup_num_tokens of prompt-lookup "
-                                               "decoding.")] = 8,
+    lookup_tokens: Annotated[Optional[int], typer.Option("--lookup-tokens", help="prompt_lookup_num_tokens of "
+                                                         "prompt-lookup decoding (default 8).",
+                                                         show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSON report here.",
                                                    show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
@@ -355,7 +356,7 @@ def bench_decode(
     set_: SetOpt = None,
 ) -> None:
     """FLUID against HF generate, prompt-lookup decoding and greedy decoding on one model: tokens/s, tokens per
-    forward, identical outputs, per batch size."""
+    forward, identical outputs, per batch size (the recipe's \\[bench] table; flags win)."""
     with user_errors():
         from fluid_cli import bench
         from fluid_cli.io import require_stdout
@@ -363,14 +364,18 @@ def bench_decode(
 
         if json_output:
             require_stdout("the JSON report")
-        cfg = _recipe_with_flags(recipe, set_, _generate_flags(
+        flags = _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token,
-            compile=compile_ or None))
-        bench.run(cfg, read_prompts(prompt, prompt_file), output=output, limit=limit, json_output=json_output,
-                  batch_sizes=_int_list("--batch-size", batch_size), overwrite=overwrite,
-                  decoders=decoders.split(",") if decoders else None, draft_model=draft_model,
-                  lookup_tokens=lookup_tokens)
+            compile=compile_ or None)
+        flags |= {"--prompt-file": ("bench.prompt_file", prompt_file), "--limit": ("bench.limit", limit),
+                  "--draft-model": ("bench.draft_model", draft_model),
+                  "--lookup-tokens": ("bench.lookup_tokens", lookup_tokens), "--output": ("bench.output", output),
+                  "--batch-size": ("bench.batch_sizes", _int_list("--batch-size", batch_size)),
+                  "--decoders": ("bench.decoders", decoders.split(",") if decoders else None)}
+        cfg = _recipe_with_flags(recipe, set_, flags)
+        prompt_path = Path(cfg.bench.prompt_file) if cfg.bench.prompt_file else None
+        bench.run(cfg, read_prompts(prompt, prompt_path), json_output=json_output, overwrite=overwrite)
 
 
 def _int_list(flag: str, text: Optional[str]) -> Optional[list[int]]:

@@ -1,7 +1,7 @@
 """Typed recipes: a TOML file -> validated dataclasses, one table per concern.
 
 A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`,
-`[generate]`, `[eval]` and `[launch]`; every table and key is optional and has a default. Loading checks every
+`[generate]`, `[eval]`, `[bench]` and `[launch]`; every table and key is optional and has a default. Loading checks every
 key against the dataclasses below: an unknown key or a value of the wrong type is a `FluidError` that names the
 file, the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every
 value is checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7:
@@ -47,6 +47,9 @@ RESOLVED_CONFIG_NAME = "fluid-config.toml"
 HORIZONS = ("auto", "cost", "khead", "fixed", "entropy")  # decoding horizon policies (fluid_cli.decode)
 DECODERS = ("fluid", "ar")  # FLUID decoding, or plain greedy decoding through the same loop
 EVAL_DECODERS = (*DECODERS, "both")  # `fluid eval` runs one, or both side by side
+# `fluid bench decode`: transformers' greedy generate (dynamic, static cache), prompt-lookup decoding, assisted
+# generation, this package's greedy loop, FLUID
+BENCH_DECODERS = ("hf", "hf-static", "prompt-lookup", "assisted", "ar", "fluid")
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -236,6 +239,19 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`fluid bench decode`: which prompts, which decoders, which batch sizes (decoding settings: [generate])."""
+
+    prompt_file: str | None = None  # one prompt per line, or JSONL (as `fluid generate --prompt-file`)
+    limit: int | None = None  # only the first N prompts
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    decoders: list[Literal[BENCH_DECODERS]] = field(default_factory=lambda: ["hf", "prompt-lookup", "ar", "fluid"])
+    draft_model: str | None = None  # assisted generation's small model (same tokenizer)
+    lookup_tokens: int = 8  # prompt_lookup_num_tokens of prompt-lookup decoding
+    output: str | None = None  # the JSON report
+
+
+@dataclass
 class LaunchConfig:
     num_processes: int = 1  # > 1: `fluid train-stage1` re-executes itself under `accelerate launch`
     accelerate_config: str | None = None  # an accelerate config file (DDP, FSDP, DeepSpeed); also re-executes
@@ -253,6 +269,7 @@ class Recipe:
     khead: KHeadConfig = field(default_factory=KHeadConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # the recipe file, if any
 
@@ -623,6 +640,10 @@ RULES: dict[type, dict[str, Check]] = {
         "num_fewshot": _at_least(0), "output_dir": _not_empty, "batch_size": _at_least(1),
         "max_gen_toks": _at_least(1),
     },
+    BenchConfig: {"prompt_file": _not_empty, "limit": _at_least(1, " (prompts; leave it unset for all)"),
+                  "batch_sizes": lambda v: None if v and min(v) >= 1 else f"must be batch sizes of 1 or more, got {v}",
+                  "decoders": _not_empty, "draft_model": _not_empty, "lookup_tokens": _at_least(1),
+                  "output": _not_empty},
     LaunchConfig: {"num_processes": _at_least(1), "main_process_port": _between(1, 65535)},
 }
 
