@@ -76,6 +76,7 @@ from fluid_cli.policy import (
 DEFAULT_ENTROPY_TAU = 2.8  # the entropy policy's tau when none is given (nats, the paper's K-head tau)
 UNVERIFIED_THRESHOLD = 0.9  # without verification the threshold guards quality (METHOD 3.2)
 PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take an arbitrary 4D mask
 
 BlockCallback = Callable[[list[int]], None]
 StopCallback = Callable[[list[int]], int | None]
@@ -536,6 +537,11 @@ class Decoder:
         if batch_size < 1:
             raise FluidError(f"batch size {batch_size}: must be at least 1")
         self.model, self.settings, self.batch_size = model, settings, batch_size
+        attention = getattr(model.lm.config, "_attn_implementation", None) or "eager"
+        if attention not in MASKED_ATTENTION:
+            raise FluidError(f"attention implementation {attention!r}: FLUID decoding feeds a 4D attention mask (each "
+                             f"row's own positions), which {', '.join(MASKED_ATTENTION)} take; load the model with "
+                             "attn_implementation=\"sdpa\"")
         self.plan = resolve_plan(model, settings)
         self.session = Acceptance.empty(self.plan.max_k)
         self.costs: CostTable | None = settings.costs

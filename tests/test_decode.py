@@ -381,6 +381,13 @@ def test_batch_size_must_be_positive():
         decode_batch(sharp_model("llama"), [[10]], DecodeSettings(), batch_size=0)
 
 
+def test_an_attention_that_cannot_take_the_mask_is_refused():
+    model = sharp_model("llama")
+    model.lm.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(FluidError, match="'flash_attention_2': FLUID decoding feeds a 4D attention mask"):
+        fluid_decode(model, [10], settings("fixed"))
+
+
 def test_a_prompt_beyond_the_context_names_itself_in_a_batch():
     with pytest.raises(FluidError, match="prompt of 300 tokens does not fit"):
         decode_batch(sharp_model("llama"), [[10] * 5, [10] * 300], settings("fixed"), batch_size=2)
