@@ -99,6 +99,9 @@ class DataSource:
     prompt_format: str | None = None
     response_format: str | None = None
     prefix_tokens: list[int] | None = None  # path = "self": [min, max] length of the sampled prompt prefixes
+    # path = "self": the sampling temperature of the prefixes (above 1: more varied prompts than the model's most
+    # typical openings, e.g. names and topics it rarely starts with)
+    prefix_temperature: float | None = None
 
 
 @dataclass
@@ -594,7 +597,7 @@ RULES: dict[type, dict[str, Check]] = {
     },
     ModelConfig: {"path": _not_empty, "tokenizer": _not_empty},
     DataSource: {
-        "path": _not_empty, "weight": _positive(),
+        "path": _not_empty, "weight": _positive(), "prefix_temperature": _positive(),
         "num_samples": _between(1, MAX_SAMPLES, hint=" (rows to take; ask for fewer)"),
     },
     RegenerateConfig: {

@@ -11,8 +11,8 @@ decoding them to text and tokenizing again can split tokens differently, and the
 token sequence. Greedy by default (`mode = "greedy"`); `mode = "sample"` samples at `temperature`.
 
 A `path = "self"` source needs no data: its prompts are prefixes *sampled* from the model itself, starting at BOS
-(`prefix_tokens = [min, max]` tokens each, a seeded diversity), then continued by the regeneration above. So a base
-model with no instruction data can be adapted on its own text.
+(`prefix_tokens = [min, max]` tokens each, at `prefix_temperature`, a seeded diversity), then continued by the
+regeneration above. So a base model with no instruction data can be adapted on its own text.
 
 Generation runs in chunks of `batch_size` prompts (left-padded, with the KV cache; `num_proc` processes on a
 CPU). Each finished chunk is written to a cache folder next to the output (`.<output>.regen-<key>`), so a killed run
@@ -83,6 +83,7 @@ class Job:
     kind: str
     prompt: tuple[int, ...] = ()
     length: int = 0
+    temperature: float = 1.0  # of the sampled prefix
 
 
 @dataclass
@@ -167,12 +168,13 @@ def regenerate(examples: Any, sources: list[DataSource], cfg: RegenerateConfig, 
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    selfs = [(i, s.num_samples, s.prefix_tokens or DEFAULT_PREFIX) for i, s in enumerate(sources) if s.path == SELF]
+    selfs = [(i, s.num_samples, s.prefix_tokens or DEFAULT_PREFIX, s.prefix_temperature or 1.0)
+             for i, s in enumerate(sources) if s.path == SELF]
     settings = {"model": model, **{k: v for k, v in asdict(cfg).items() if k not in ("model", "num_proc")}}
     key = _digest(json.dumps([settings, cutoff_len, data_seed, examples._fingerprint, len(examples), selfs]))
     folder = cache.parent / f".{cache.name}.regen-{key}"
     folder.mkdir(parents=True, exist_ok=True)
-    total = len(examples) + sum(n for _, n, _ in selfs)
+    total = len(examples) + sum(s[1] for s in selfs)
     n_chunks = math.ceil(total / cfg.batch_size)
     cached = [n for n in range(n_chunks) if (folder / _chunk_name(n)).is_file()]
     todo = ((n, jobs) for n, jobs in enumerate(_chunks(examples, sources, data_seed, cfg.batch_size))
@@ -197,7 +199,7 @@ def regenerate(examples: Any, sources: list[DataSource], cfg: RegenerateConfig, 
     # A fixed fingerprint (it lands in the output's state.json, which is byte-identical run to run).
     out = out.select_columns(["input_ids", "labels"], new_fingerprint=key)
     counts = _count(out, files, total)
-    counts.self_prompts = sum(n for _, n, _ in selfs)
+    counts.self_prompts = sum(s[1] for s in selfs)
     counts.cached_chunks = len(cached)
     counts.settings = settings
     counts.seconds = round(time.perf_counter() - started, 3)
@@ -230,7 +232,9 @@ def _jobs(examples: Any, sources: list[DataSource], seed: int) -> Iterator[Job]:
         if src.path == SELF:
             lo, hi = src.prefix_tokens or DEFAULT_PREFIX
             g = torch.Generator().manual_seed(seed + i)
-            yield from (Job(SAMPLE, length=int(n)) for n in torch.randint(lo, hi + 1, (src.num_samples,), generator=g))
+            temperature = src.prefix_temperature or 1.0
+            yield from (Job(SAMPLE, length=int(n), temperature=temperature)
+                        for n in torch.randint(lo, hi + 1, (src.num_samples,), generator=g))
 
 
 def _count(out: Any, files: list[str], total: int) -> Counts:
@@ -300,12 +304,12 @@ def _chunk(n: int, jobs: list[Job], folder: Path, cfg: RegenerateConfig, cutoff_
     temperature = cfg.temperature if cfg.mode == "sample" else None
     limit = min(cutoff_len, backend.context or cutoff_len)
     prompts = [list(j.prompt) for j in jobs]
-    sampled = [i for i, j in enumerate(jobs) if j.kind == SAMPLE]
-    if sampled:
+    for temperature in sorted({j.temperature for j in jobs if j.kind == SAMPLE}):
+        sampled = [i for i, j in enumerate(jobs) if j.kind == SAMPLE and j.temperature == temperature]
         if backend.bos is None:
             raise FluidError("a \"self\" source samples prompts from BOS, and the model's tokenizer has no BOS token")
         longest = max(jobs[i].length for i in sampled)
-        prefixes = backend.generate([[backend.bos]] * len(sampled), longest, 1.0, seed=cfg.seed + 7919 * n)
+        prefixes = backend.generate([[backend.bos]] * len(sampled), longest, temperature, seed=cfg.seed + 7919 * n)
         for i, prefix in zip(sampled, prefixes):
             prompts[i] = [backend.bos] + [t for t in prefix[: jobs[i].length] if t not in backend.eos]
     if backend.context is not None and (long := next((i for i, p in enumerate(prompts)

@@ -135,6 +135,33 @@ def test_self_source_samples_prompts_from_bos(tmp_path):
     assert len({tuple(p) for p in prompts}) > 1  # sampled: a diversity of prompts
 
 
+def test_hotter_prefixes_are_other_prompts(tmp_path):
+    base = sharp_base(tmp_path / "base")
+    prompts = {}
+    for t in (1.0, 3.0):
+        root = tmp_path / str(t)
+        self_source = f'[[data.sources]]\npath = "self"\nnum_samples = 8\nprefix_temperature = {t}\n'
+        data.run(load_recipe_text(recipe(root, base, sources=self_source)))
+        prompts[t] = [tuple(t for t, label in zip(r["input_ids"], r["labels"]) if label == -100)
+                      for r in prepared(root)]
+    assert prompts[1.0] != prompts[3.0]
+
+
+def test_chat_rows_continue_after_the_templates_generation_prompt(tmp_path):
+    base = sharp_base(tmp_path / "base")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    text = recipe(tmp_path, base, sources=f'[[data.sources]]\npath = "{path}"\nformat = "messages"\n')
+    data.run(load_recipe_text(text.replace('template = "none"', 'template = "auto"')))
+    (row,) = prepared(tmp_path)
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt = [t for t, label in zip(row["input_ids"], row["labels"]) if label == -100]
+    assert tok.decode(prompt) == "<|user|>hi<|end|><|assistant|>"  # the template's own generation prompt
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    assert row["input_ids"][len(prompt):] == generate_batch(lm, [prompt], 24, (tok.eos_token_id,))[0]
+
+
 def test_interrupted_regeneration_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     base = sharp_base(tmp_path / "base")
     text = recipe(tmp_path, base, sources=rows_file(tmp_path, 14))
@@ -189,6 +216,7 @@ def test_sampling_is_seeded(tmp_path):
     ("self without regenerate", "add a [data.regenerate] table"),
     ("self with weight", "a \"self\" source needs num_samples"),
     ("prefix", "prefix_tokens: expected [min, max]"),
+    ("prefix on data", "prefix_tokens and prefix_temperature apply to prompts sampled from the model"),
 ])
 def test_bad_input_is_one_line(tmp_path, case, message):
     base = sharp_base(tmp_path / "base")
@@ -203,6 +231,8 @@ def test_bad_input_is_one_line(tmp_path, case, message):
         sources = f'[[data.sources]]\npath = "{long}"\nformat = "prompt_response"\n'
     elif case.startswith("self"):
         sources = '[[data.sources]]\npath = "self"\n' + ("num_samples = 3\n" if "without" in case else "weight = 1.0\n")
+    elif case == "prefix on data":
+        sources = rows_file(tmp_path) + "prefix_temperature = 1.5\n"
     else:
         sources = '[[data.sources]]\npath = "self"\nnum_samples = 3\nprefix_tokens = [5, 2]\n'
     text = recipe(tmp_path, base, sources=sources)
