@@ -34,7 +34,7 @@ from typing import Any, Literal
 import tomli_w
 
 from fluid_cli.errors import FluidError
-from fluid_cli.io import write_text_atomic
+from fluid_cli.io import read_text, write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -302,13 +302,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, flags: lis
     if not path.is_file():
         raise FluidError(f"{path}: recipe file not found" if not path.is_dir() else
                          f"{path}: a folder, not a recipe file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise FluidError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    return load_recipe_text(text, overrides, file=str(path), flags=flags)
+    return load_recipe_text(read_text(path, "recipe"), overrides, file=str(path), flags=flags)
 
 
 def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = "<recipe>",

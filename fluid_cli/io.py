@@ -27,6 +27,16 @@ from typing import Any
 from fluid_cli.errors import FluidError
 
 
+def read_text(path: Path, what: str) -> str:
+    """A small text file as UTF-8; otherwise one line naming the file, the line, and what to save it as."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise FluidError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, then rename it into place."""
     path = Path(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_cli.errors import FluidError
+from fluid_cli.io import read_text
 
 PROMPT_FIELDS = ("prompt", "question", "input", "text")  # string fields a JSONL prompt file may use
 
@@ -42,12 +43,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     """One prompt per non-empty line; or JSONL rows with `messages` or one of the `PROMPT_FIELDS`."""
     if not path.is_file():
         raise FluidError(f"{path}: prompt file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise FluidError(f"{path}:{line}: not UTF-8 text; save the prompt file as UTF-8") from None
+    text = read_text(path, "prompt file")
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise FluidError(f"{path}: no prompts in the file")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, tiny_fluid_model
+from tiny import ARCHITECTURES, sharpen, tiny_fluid_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid_cli.decode import Decoder, DecodeSettings, Request, ar_decode, decode_batch, fluid_decode
@@ -26,18 +26,11 @@ CPU_COSTS = CostTable({1: 1.0, 8: 1.3, 32: 1.6})  # the shape measured on a 2-co
 
 
 def sharp_model(arch: str, max_k: int = 16) -> FluidModel:
-    """A random tiny model with an untied random LM head scaled up. Its greedy text does not collapse into one
-    repeated token (a tied head copies the current token), its drafts fill slots confidently and are often
-    wrong (which exercises verification's cut path), and its top two logits stay far apart (no near-ties). Its
-    random K-head counts as calibrated (Gaussian), so the khead policy draws varied horizons."""
+    """A random tiny model with a sharpened head (`tiny.sharpen`): confident drafts that are often wrong exercise
+    verification's cut path. Its random K-head counts as calibrated (Gaussian), so the khead policy draws varied
+    horizons."""
     model = tiny_fluid_model(arch, max_k=max_k)
-    lm = model.lm
-    generator = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 12 / lm.config.hidden_size**0.5)
-    lm.config.tie_word_embeddings = False
-    lm.set_output_embeddings(head)
+    sharpen(model.lm)
     model.meta.khead = KHeadMeta(objective="gaussian", calibrated=True, tau=3.0)
     return model
 

@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 from test_decode import N_NEW, random_prompts, settings
-from tiny import tiny_model, tiny_tokenizer
+from tiny import sharpen, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid_cli import train
@@ -33,12 +33,7 @@ def sharp_base(folder: Path, arch: str = "llama") -> Path:
     varies and its top two logits are far apart (no near-ties)."""
     tok = tiny_tokenizer()
     lm = tiny_model(arch, tok, seed=5)
-    g = torch.Generator().manual_seed(1)
-    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 12 / lm.config.hidden_size**0.5)
-    lm.config.tie_word_embeddings = False
-    lm.set_output_embeddings(head)
+    sharpen(lm, seed=1)
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

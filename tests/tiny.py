@@ -43,6 +43,18 @@ def tiny_model(arch: str = "llama", tokenizer=None, hidden: int = 32, layers: in
                                max_position_embeddings=256, attn_implementation=attn).eval()
 
 
+def sharpen(lm, seed: int = 0) -> None:
+    """Give a random tiny model an untied random LM head, scaled up: its greedy text does not collapse into one
+    repeated token (a tied head copies the current token), its drafts are confident and often wrong, and its top two
+    logits stay far apart (no near-ties between batched and unbatched forwards)."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 12 / lm.config.hidden_size**0.5)
+    lm.config.tie_word_embeddings = False
+    lm.set_output_embeddings(head)
+
+
 def tiny_fluid_model(arch: str = "llama", max_k: int = 4, seed: int = 0, **kw) -> FluidModel:
     tok = tiny_tokenizer()
     model = tiny_model(arch, tok, seed=seed, **kw)
