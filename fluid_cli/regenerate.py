@@ -304,12 +304,13 @@ def _chunk(n: int, jobs: list[Job], folder: Path, cfg: RegenerateConfig, cutoff_
     temperature = cfg.temperature if cfg.mode == "sample" else None
     limit = min(cutoff_len, backend.context or cutoff_len)
     prompts = [list(j.prompt) for j in jobs]
-    for temperature in sorted({j.temperature for j in jobs if j.kind == SAMPLE}):
-        sampled = [i for i, j in enumerate(jobs) if j.kind == SAMPLE and j.temperature == temperature]
+    for prefix_temperature in sorted({j.temperature for j in jobs if j.kind == SAMPLE}):
+        sampled = [i for i, j in enumerate(jobs) if j.kind == SAMPLE and j.temperature == prefix_temperature]
         if backend.bos is None:
             raise FluidError("a \"self\" source samples prompts from BOS, and the model's tokenizer has no BOS token")
         longest = max(jobs[i].length for i in sampled)
-        prefixes = backend.generate([[backend.bos]] * len(sampled), longest, temperature, seed=cfg.seed + 7919 * n)
+        prefixes = backend.generate([[backend.bos]] * len(sampled), longest, prefix_temperature,
+                                    seed=cfg.seed + 7919 * n)
         for i, prefix in zip(sampled, prefixes):
             prompts[i] = [backend.bos] + [t for t in prefix[: jobs[i].length] if t not in backend.eos]
     if backend.context is not None and (long := next((i for i, p in enumerate(prompts)

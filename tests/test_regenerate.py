@@ -121,9 +121,10 @@ def test_generated_ids_are_kept_not_re_encoded(tmp_path):
     assert tok(tok.decode(continuation), add_special_tokens=False)["input_ids"] != continuation  # re-encoding differs
 
 
-def test_self_source_samples_prompts_from_bos(tmp_path):
+def test_self_source_samples_prompts_from_bos_and_continues_them_greedily(tmp_path):
     base = sharp_base(tmp_path / "base")
-    text = recipe(tmp_path, base, sources='[[data.sources]]\npath = "self"\nnum_samples = 6\nprefix_tokens = [2, 5]\n')
+    text = recipe(tmp_path, base, sources='[[data.sources]]\npath = "self"\nnum_samples = 6\nprefix_tokens = [2, 5]\n'
+                                          'prefix_temperature = 1.5\n')
     stats = data.run(load_recipe_text(text))
     rows = prepared(tmp_path)
     tok = AutoTokenizer.from_pretrained(base)
@@ -133,6 +134,9 @@ def test_self_source_samples_prompts_from_bos(tmp_path):
     prompts = [[t for t, label in zip(r["input_ids"], r["labels"]) if label == -100] for r in rows]
     assert all(p[0] == tok.bos_token_id and 2 <= len(p) - 1 <= 5 for p in prompts)
     assert len({tuple(p) for p in prompts}) > 1  # sampled: a diversity of prompts
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for row, prompt in zip(rows, prompts):  # the prompts are sampled, their continuations greedy
+        assert row["input_ids"][len(prompt):] == generate_batch(lm, [prompt], 24, (tok.eos_token_id,))[0]
 
 
 def test_hotter_prefixes_are_other_prompts(tmp_path):
