@@ -21,9 +21,10 @@ so `k = 1` (plain greedy decoding, no mask rows) whenever drafting does not pay.
   is trusted no more than the slots before it, which are verified more often). So a model whose drafts are
   over-confident, or a prompt far from the training data, gets shorter horizons after a few blocks.
 - `m`, the mask rows appended to a forward (the next block's widest horizon, chosen before its drafts are
-  seen), is the best `k` under the acceptance rates seen so far. When that is 1, decoding runs plain one-row
-  steps and looks at a first draft only now and then: after `EXPLORE` steps, twice as long after every look
-  that did not pay (up to `EXPLORE_MAX`).
+  seen), is the best `k` under the acceptance rates seen so far, while first drafts pay. When the last one was
+  not worth a block (`k = 1`), decoding runs plain one-row steps (mask rows cost even when no block uses them)
+  and looks at a first draft again only now and then: after `EXPLORE` steps, twice as long after every look that
+  did not pay (up to `EXPLORE_MAX`).
 
 Worked example: drafts that are always right (`a_i = 1`) and flat costs pick the longest block; steep costs,
 or drafts that are never right, pick `k = 1`:
@@ -176,8 +177,9 @@ class CostPolicy:
     cost: CostTable
     session: Acceptance
     own: Acceptance = field(init=False)
-    plain_steps: int = 0  # consecutive forwards without mask rows
-    explore: int = EXPLORE  # plain steps before the next look at a first draft
+    drafting: bool = True  # the last first draft was worth a block: keep appending masks
+    plain_steps: int = 0  # forwards without mask rows since the last look at a first draft
+    explore: int = EXPLORE  # plain steps before the next look
 
     def __post_init__(self) -> None:
         self.own = Acceptance.empty(self.max_k)
@@ -207,21 +209,29 @@ class CostPolicy:
         return out
 
     def masks(self, cap: int) -> int:
-        """Mask rows to append to the next forward (0: a plain step)."""
+        """Mask rows to append to the next forward (0: a plain step).
+
+        Masks are appended while the first drafts pay: when the last one led to a block of one token, decoding
+        switches to plain steps, and looks at a first draft again after `explore` of them (twice as many after
+        every look that did not pay). While drafting, the masks reach as far as drafts have been accepted."""
         if cap <= 1:
             return 0
-        width = best_horizon(self.forecast(), cap, self.cost)
-        if width == 1:
-            self.plain_steps += 1
-            if self.plain_steps < self.explore:
-                return 0
-            width = cap  # look at a first draft now and then: a stretch of predictable text may have begun
-            self.explore = min(2 * self.explore, EXPLORE_MAX)
+        if self.drafting:
+            width = best_horizon(self.forecast(), cap, self.cost)
+            if width > 1:
+                return width - 1
+            self.drafting = False
+        self.plain_steps += 1
+        if self.plain_steps < self.explore:
+            return 0
         self.plain_steps = 0
-        return width - 1
+        self.explore = min(2 * self.explore, EXPLORE_MAX)  # back to EXPLORE when a draft pays
+        return cap - 1
 
     def horizon(self, confidence: list[float], cap: int) -> int:
-        return best_horizon(self.acceptance(confidence), cap, self.cost)
+        k = best_horizon(self.acceptance(confidence), cap, self.cost)
+        self.drafting = k > 1
+        return k
 
     def record(self, confidence: list[float], accepted: int) -> None:
         self.own.record(confidence, accepted)
