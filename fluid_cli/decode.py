@@ -379,7 +379,10 @@ class _Row:
         self.pending = list(request.prompt)  # committed, not cached yet
         self.block: list[int] = []  # drafted, awaiting verification (slot 0 is greedy already)
         self.slots: list[int | None] | None = None  # a block still being drafted
-        self.confidence: list[float] = []  # the first draft's confidence in slots 1..k-1 of the current block
+        # first drafts whose outcome the committed (greedy) text has not settled yet: (the output length when the
+        # draft's slot 0 was committed, its drafts of slots 1.., their confidences); the cost policy learns from all
+        # of them, used or not, so its estimates are not biased toward the drafts it chose to use
+        self.previews: list[tuple[int, list[int], list[float]]] = []
         self.k, self.final = 0, False  # the block's horizon; whether it ends the generation if accepted
         self.masks = 0  # mask rows in the current feed
         self.cost = CostPolicy(self.plan.max_k, decoder.costs, decoder.session) if self.plan.policy == "cost" else None
@@ -433,8 +436,6 @@ class _Row:
         """Check the block against the greedy choices; True if it was accepted whole and decoding goes on."""
         block = self.block
         n_ok = 1 + next((j for j, g in enumerate(greedy[: len(block) - 1]) if block[j + 1] != g), len(block) - 1)
-        if self.cost is not None:
-            self.cost.record(self.confidence[: len(block) - 1], n_ok)
         self.block = []
         if n_ok < len(block):  # cut: keep the accepted tokens' KV, commit the correction uncached
             self.length += n_ok
@@ -451,7 +452,8 @@ class _Row:
         cap = min(self.plan.max_k, self.out.remaining, self.masks + 1)
         k = self._horizon(out, cap)
         self.k = k
-        self.confidence = out.draft_conf[: k - 1]
+        if self.cost is not None and cap > 1:
+            self.previews.append((len(self.out.ids), out.draft_ids[: cap - 1], out.draft_conf[: cap - 1]))
         slots: list[int | None] = [p0] + [None] * (k - 1)
         _fill(slots, out.draft_ids[: k - 1], out.draft_conf[: k - 1], self.plan.threshold, leftmost=False)
         if None in slots:
@@ -495,11 +497,31 @@ class _Row:
 
     def _commit(self, tokens: list[int], accepted: int) -> None:
         new = self.out.commit(tokens)
+        if self.previews:
+            self._settle_previews()
         self.stats.horizons.append(self.k)
         self.stats.accepted.append(accepted)
         self.stats.committed.append(len(new))
         if self.on_block is not None and new:
             self.on_block(new)
+
+
+    def _settle_previews(self) -> None:
+        """Record every first draft whose slots the committed text now decides: slot `j` was right if it is the
+        token committed `j` places after slot 0 (committed tokens are the greedy ones), given slots before it
+        were."""
+        ids = self.out.ids
+        pending = []
+        for start, drafts, conf in self.previews:
+            known = ids[start + 1: start + 1 + len(drafts)]
+            right = next((j for j, (d, t) in enumerate(zip(drafts, known)) if d != t), len(known))
+            if right < len(known):  # slot right + 1 was wrong
+                self.cost.record(conf[: right + 1], right + 1)
+            elif len(known) == len(drafts) or self.out.done:  # every slot decided, or the output ended: all right
+                self.cost.record(conf[: len(known)], len(known) + 1)
+            else:
+                pending.append((start, drafts, conf))
+        self.previews = pending
 
 
 def _fill(slots: list[int | None], ids: list[int], conf: list[float], threshold: float, leftmost: bool

@@ -17,14 +17,15 @@ so `k = 1` (plain greedy decoding, no mask rows) whenever drafting does not pay.
 - `c(q)` comes from a `CostTable`: measured once per model, device, dtype and batch size by timing real decode
   forwards (`fluid_cli.decode` probes it and caches it on disk), or given (tests, `flat`).
 - `a_i` comes from the first draft's own confidence in slot `i` (its top probability), corrected by running
-  statistics per slot position: the ratio of accepted drafts to the confidence they were drafted with (a slot
-  is trusted no more than the slots before it, which are verified more often). So a model whose drafts are
-  over-confident, or a prompt far from the training data, gets shorter horizons after a few blocks.
+  statistics per slot position: the ratio of right drafts to the confidence they were drafted with (a slot seen
+  rarely borrows the ratio of the slot before it). Every first draft counts, used or
+  not: the greedy text committed afterwards says which of its slots were right, so the statistics are not biased
+  toward the drafts the rule chose to use. A model whose drafts are over-confident, or a prompt far from the
+  training data, gets shorter horizons after a few blocks.
 - `m`, the mask rows appended to a forward (the next block's widest horizon, chosen before its drafts are
-  seen), is the best `k` under the acceptance rates seen so far, while first drafts pay. When the last one was
-  not worth a block (`k = 1`), decoding runs plain one-row steps (mask rows cost even when no block uses them)
-  and looks at a first draft again only now and then: after `EXPLORE` steps, twice as long after every look that
-  did not pay (up to `EXPLORE_MAX`).
+  seen), is the best `k` under the acceptance rates of all first drafts so far. When that is 1, decoding runs
+  plain one-row steps and looks at a first draft only now and then: after `EXPLORE` steps, twice as long after
+  every look that did not pay (up to `EXPLORE_MAX`).
 
 Worked example: drafts that are always right (`a_i = 1`) and flat costs pick the longest block; steep costs,
 or drafts that are never right, pick `k = 1`:
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +122,11 @@ def save_cached_costs(key: dict[str, object], table: CostTable) -> None:
 
 
 def block_value(accept: list[float], k: int, masks: int, cost: CostTable) -> tuple[float, float]:
-    """`(tokens(k), time(k))` of the module docstring; `accept[i - 1]` is `a_i`."""
+    """`(tokens(k), time(k))` of the module docstring; `accept[i - 1]` is `a_i`.
+
+    >>> block_value([0.5, 0.5], 3, 2, CostTable.flat())  # cut at slot 1: 2 tokens, at 2: 3, none: 3
+    (2.5, 1.75)
+    """
     if k == 1:
         return 1.0, cost(1 + masks)
     reach, tokens = 1.0, 0.0
@@ -136,11 +140,15 @@ def block_value(accept: list[float], k: int, masks: int, cost: CostTable) -> tup
 
 def best_horizon(accept: list[float], cap: int, cost: CostTable) -> int:
     """The `k` in `1..cap` with the most expected tokens per unit of time (the shortest among equals), each `k`
-    with `k - 1` masks appended to its forwards."""
-    best_k, best_rate = 1, 0.0
-    for k in range(1, cap + 1):
-        tokens, time = block_value(accept, k, k - 1, cost)
-        rate = tokens / time
+    with `k - 1` masks appended to its forwards: `block_value` for every `k` in one pass (this runs once per
+    block, so its cost is per-block overhead)."""
+    best_k, best_rate = 1, 1.0 / cost(1)
+    reach, cut_tokens = 1.0, 0.0  # P_{k-1}, and the tokens of the blocks cut before slot k
+    for k in range(2, cap + 1):
+        a = accept[k - 2]
+        cut_tokens += reach * (1.0 - a) * k
+        reach *= a
+        rate = (cut_tokens + reach * k) / (cost(2 * k - 1) + (1.0 - reach) * cost(k))
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -177,12 +185,12 @@ class CostPolicy:
     cost: CostTable
     session: Acceptance
     own: Acceptance = field(init=False)
-    drafting: bool = True  # the last first draft was worth a block: keep appending masks
     plain_steps: int = 0  # forwards without mask rows since the last look at a first draft
     explore: int = EXPLORE  # plain steps before the next look
 
     def __post_init__(self) -> None:
         self.own = Acceptance.empty(self.max_k)
+        self._width: int | None = None  # the forecast's best width, until the next record
 
     def _mix(self, i: int) -> tuple[float, float, float]:
         """(trials, hits, confidence) of slot i: this generation's, plus at most SESSION_WEIGHT of the session's."""
@@ -192,49 +200,51 @@ class CostPolicy:
         return o.trials[i] + w * s.trials[i], o.hits[i] + w * s.hits[i], o.confidence[i] + w * s.confidence[i]
 
     def acceptance(self, confidence: list[float]) -> list[float]:
-        """`a_i` from the first draft's confidences, corrected by how often such drafts were accepted."""
-        out, trust = [], math.inf
+        """`a_i` from the first draft's confidences, each scaled by how right slot i's drafts were for their
+        confidence (the scale of slot i - 1 standing in while slot i has few observations)."""
+        out, trust = [], 1.0
         for i, c in enumerate(confidence):
             _, hits, conf = self._mix(i)
-            trust = min(trust, (hits + PRIOR * FIRST_GUESS) / (conf + PRIOR * FIRST_GUESS))
+            trust = (hits + PRIOR * trust) / (conf + PRIOR)
             out.append(min(0.999, c * trust))
         return out
 
     def forecast(self) -> list[float]:
-        """`a_i` before a draft is seen: the running acceptance rate of slot i."""
-        out = []
+        """`a_i` before a draft is seen: how often slot i's drafts were right (slot i - 1's rate standing in while
+        slot i has few observations)."""
+        out, rate = [], FIRST_GUESS
         for i in range(self.max_k - 1):
             trials, hits, _ = self._mix(i)
-            out.append((hits + PRIOR * FIRST_GUESS) / (trials + PRIOR))
+            rate = (hits + PRIOR * rate) / (trials + PRIOR)
+            out.append(rate)
         return out
 
     def masks(self, cap: int) -> int:
-        """Mask rows to append to the next forward (0: a plain step).
-
-        Masks are appended while the first drafts pay: when the last one led to a block of one token, decoding
-        switches to plain steps, and looks at a first draft again after `explore` of them (twice as many after
-        every look that did not pay). While drafting, the masks reach as far as drafts have been accepted."""
+        """Mask rows to append to the next forward (0: a plain step): the best `k` under the acceptance rates of
+        all first drafts so far; when that is 1, plain steps, with a look at a first draft after `explore` of them
+        (twice as many after every look that did not pay)."""
         if cap <= 1:
             return 0
-        if self.drafting:
-            width = best_horizon(self.forecast(), cap, self.cost)
-            if width > 1:
-                return width - 1
-            self.drafting = False
-        self.plain_steps += 1
-        if self.plain_steps < self.explore:
-            return 0
+        if self._width is None:  # the rates change only when a draft is recorded
+            self._width = best_horizon(self.forecast(), self.max_k, self.cost)
+        width = min(self._width, cap)
+        if width == 1:
+            self.plain_steps += 1
+            if self.plain_steps < self.explore:
+                return 0
+            width = cap  # look at a first draft now and then: a stretch of predictable text may have begun
+            self.explore = min(2 * self.explore, EXPLORE_MAX)
         self.plain_steps = 0
-        self.explore = min(2 * self.explore, EXPLORE_MAX)  # back to EXPLORE when a draft pays
-        return cap - 1
+        return width - 1
 
     def horizon(self, confidence: list[float], cap: int) -> int:
-        k = best_horizon(self.acceptance(confidence), cap, self.cost)
-        self.drafting = k > 1
-        return k
+        return best_horizon(self.acceptance(confidence), cap, self.cost)
 
     def record(self, confidence: list[float], accepted: int) -> None:
+        """A first draft's outcome: its confidences in slots 1.. and how many slots (slot 0 included) the greedy
+        text confirmed, whether the block used them or not."""
         self.own.record(confidence, accepted)
         self.session.record(confidence, accepted)
-        if accepted > 1:  # a draft paid: look again soon if decoding falls back to plain steps
+        self._width = None
+        if accepted > 1:  # a draft was right: look again soon if decoding falls back to plain steps
             self.explore = EXPLORE
