@@ -71,6 +71,7 @@ class ForwardCounter:
         self.calls = 0
         self.handle = model.lm.get_decoder().register_forward_hook(self._count)
 
+    @torch.compiler.disable  # runs as is inside a compiled step (a traced counter would be recompiled per value)
     def _count(self, *_: Any) -> None:
         self.calls += 1
 

@@ -34,9 +34,9 @@ query see its own row's columns up to its own position, so rejected drafts and p
 no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching). With a
 draft-only LoRA the gate is one column for the whole batch: main rows before it, draft rows from it on.
 
-**Fixed shapes** (`compile=True`): every decode forward is `[batch, 2 max_k - 1]` over the whole cache, so
-`torch.compile` (CUDA graphs on a GPU) captures one step; the greedy choices, confidences and the K-head are
-computed on the device and copied to the host once per forward.
+**Fixed shapes** (`compile=True`): every decode forward is `[batch, 2 max_k - 1]` over the whole cache (or
+`[batch, 1]`, a plain step), so `torch.compile` (CUDA graphs on a GPU) captures two steps; the greedy choices,
+confidences and the K-head are computed on the device and copied to the host once per forward.
 
 Usage (token ids in, token ids out)::
 
@@ -77,6 +77,7 @@ DEFAULT_ENTROPY_TAU = 2.8  # the entropy policy's tau when none is given (nats, 
 UNVERIFIED_THRESHOLD = 0.9  # without verification the threshold guards quality (METHOD 3.2)
 PROBE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take an arbitrary 4D mask
+CACHE_BLOCK = 256  # KV cache lengths are whole blocks of positions
 
 BlockCallback = Callable[[list[int]], None]
 StopCallback = Callable[[list[int]], int | None]
@@ -573,7 +574,8 @@ class Decoder:
         self.suppress_main = model.meta.lora_scope == "draft"  # the base model never emits the mask token
         self.width = 2 * self.plan.max_k - 1  # the widest decode feed: a block of K and K - 1 masks
         self._compiled: Any = None
-        self._cache: RowCache | None = None
+        self._cache: RowCache | None = None  # the cache of the forward being run
+        self._caches: dict[int, RowCache] = {}  # by rows
 
     # -- public ---------------------------------------------------------------------------------------------------
     def decode(self, prompt_ids: list[int], on_block: BlockCallback | None = None) -> DecodeResult:
@@ -597,7 +599,7 @@ class Decoder:
         with torch.inference_mode():
             if self.plan.policy == "cost" and self.costs is None:
                 self.costs = self._probe_costs(reqs[0].prompt, batch)
-            cache = RowCache(text_config(self.model.lm.config).num_hidden_layers, max_len, self.device)
+            cache = self._row_cache(batch.batch_size, max_len)
             waiting = deque(range(len(reqs)))
             rows: list[_Row | None] = [None] * batch.batch_size
 
@@ -636,6 +638,17 @@ class Decoder:
         batch.row_forwards = sum(r.stats.forwards for r in done)
         return done, batch
 
+    def _row_cache(self, rows: int, max_len: int) -> RowCache:
+        """The KV cache for `rows` rows of `max_len` positions: allocated once and kept while it fits (so a compiled
+        step, which reads it at fixed addresses and sizes, is captured once); lengths grow in blocks of
+        `CACHE_BLOCK` positions."""
+        cache = self._caches.get(rows)
+        if cache is None or cache.slots.max_len < max_len:
+            size = -(-max_len // CACHE_BLOCK) * CACHE_BLOCK
+            cache = self._caches[rows] = RowCache(text_config(self.model.lm.config).num_hidden_layers, size,
+                                                  self.device)
+        return cache
+
     # -- one forward ------------------------------------------------------------------------------------------------
     def _step(self, cache: RowCache, feeds: list[_Feed | None]) -> tuple[torch.Tensor, int]:
         """One forward over every row's feed (`None`: an idle row): the last hidden states `[batch, q, hidden]` and
@@ -644,7 +657,7 @@ class Decoder:
         wm = max(len(f.main) for f in active)
         wd = max(len(f.draft) for f in active)
         fixed = self.settings.compile and wm + wd <= self.width
-        if fixed:
+        if fixed and wm + wd > 1:  # two shapes: a drafting step, [batch, 2K - 1], and a plain step, [batch, 1]
             wm, wd = self.plan.max_k, self.plan.max_k - 1
         q = wm + wd
         ids = [[0] * q for _ in feeds]
@@ -770,7 +783,7 @@ class Decoder:
         context = context_length(model.lm.config)
         if context is not None:
             prefix = prefix[: max(1, context - self.width - 2)]
-        cache = RowCache(text_config(model.lm.config).num_hidden_layers, len(prefix) + self.width + 1, self.device)
+        cache = self._row_cache(n, len(prefix) + self.width + 1)  # decoding's own: a compiled step stays as it is
         self._step(cache, [_Feed(prefix, [], 0, False, False)] * n)
         times = {}
         for q in sizes:

@@ -31,3 +31,18 @@ def test_fast_demo_end_to_end(tmp_path):
     assert len(demo["tau_sweep"]) > 1 and demo["horizon_trace"]["horizons"]
     assert (out / "fluid-demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FLUID (verified)" in (out / "report.md").read_text()
+
+
+def test_the_demo_is_deterministic(tmp_path):
+    """Same machine, same seed: the same model and the same answers (tokens per forward and tokens/s may differ:
+    the cost policy times forwards, and the machine's load changes with the second)."""
+    runs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (out / "eval" / "samples_arithmetic.jsonl").read_text().splitlines()]
+        runs.append(((out / "stage1" / "model.safetensors").read_bytes(),
+                     [(r["doc_id"], r["fluid"]["output"], r["ar"]["output"]) for r in rows],
+                     json.loads((out / "demo.json").read_text())["summary"]["accuracy"]))
+    assert runs[0] == runs[1]
