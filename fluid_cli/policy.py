@@ -23,7 +23,8 @@ so `k = 1` (plain greedy decoding, no mask rows) whenever drafting does not pay.
   toward the drafts the rule chose to use. A model whose drafts are over-confident, or a prompt far from the
   training data, gets shorter horizons after a few blocks.
 - `m`, the mask rows appended to a forward (the next block's widest horizon, chosen before its drafts are
-  seen), is the best `k` under the acceptance rates of all first drafts so far. When that is 1, decoding runs
+  seen), reaches one slot beyond the best `k` under the acceptance rates of all first drafts so far (so that the
+  next slot's rate is learnt too). When that best `k` is 1, decoding runs
   plain one-row steps and looks at a first draft only now and then: after `EXPLORE` steps, twice as long after
   every look that did not pay (up to `EXPLORE_MAX`).
 
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from fluid_cli.io import write_json_atomic
 
-EXPLORE, EXPLORE_MAX = 8, 64  # plain steps between looks at a first draft when drafting does not pay
+EXPLORE, EXPLORE_MAX = 16, 128  # plain steps between looks at a first draft when drafting does not pay
 PRIOR = 2.0  # pseudo-observations behind every running estimate
 FIRST_GUESS = 0.5  # acceptance rate assumed before anything was seen
 SESSION_WEIGHT = 16.0  # at most this many of the session's observations stand behind a new generation's estimates
@@ -228,6 +229,8 @@ class CostPolicy:
         if self._width is None:  # the rates change only when a draft is recorded
             self._width = best_horizon(self.forecast(), self.max_k, self.cost)
         width = min(self._width, cap)
+        if width > 1:  # one slot further than the rates say pays: how else would its rate be learnt
+            width = min(width + 1, cap)
         if width == 1:
             self.plain_steps += 1
             if self.plain_steps < self.explore:

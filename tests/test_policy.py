@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluid_cli.policy import Acceptance, CostPolicy, CostTable, best_horizon, block_value
+from fluid_cli.policy import EXPLORE, Acceptance, CostPolicy, CostTable, best_horizon, block_value
 
 GPU_LIKE = CostTable.flat()  # a forward of 16 rows costs what one row costs
 CPU_LIKE = CostTable({1: 1.0, 8: 1.3, 16: 1.4, 32: 1.6})  # measured on a 2-core CPU
@@ -60,7 +60,7 @@ def test_plain_steps_look_at_a_draft_less_and_less_often_until_one_pays():
     gaps = [b - a for a, b in zip(looks, looks[1:])]
     assert len(looks) >= 3 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
     policy.record([0.9] * 7, 5)  # a draft that was right: look again soon
-    assert policy.explore == 8
+    assert policy.explore == EXPLORE
 
 
 @pytest.mark.parametrize("shared", [True, False])
