@@ -279,8 +279,8 @@ def test_set_reaches_an_array_of_tables_by_index(tmp_path):
     (["eval", "arithmetic", "--model", "m", "--limit", "0"], "--limit 0: [eval] limit: must be at least 1"),
     (["eval", "arithmetic", "--model", "m", "--limit", "-1"], "--limit -1: [eval] limit: must be at least 1"),
     (["eval", "arithmetic", "--model", "m", "--batch-size", "0"], "--batch-size 0: [eval] batch_size"),
-    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "0"], "--limit 0: must be at least 1"),
-    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "-1"], "--limit -1: must be at least 1"),
+    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "0"], "--limit 0: [bench] limit: must be at least 1"),
+    (["bench", "decode", "--model", "m", "-p", "x", "--limit", "-1"], "--limit -1: [bench] limit: must be at least 1"),
 ])
 def test_a_bad_flag_value_names_the_flag(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)  # the outputs' default folders are relative
