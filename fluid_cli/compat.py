@@ -7,6 +7,9 @@ modules; the tested ranges are pinned in pyproject.toml and every such call live
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch.nn import Module
@@ -33,3 +36,12 @@ def cache_kwarg(decoder: Module) -> str:
     deprecation warning on every model class), so the name is read off the signature.
     """
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's `PeftModel` construction: peft (0.21) reads `model.is_gradient_checkpointing`, which
+    transformers 5.x deprecated with a FutureWarning printed on every load; nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

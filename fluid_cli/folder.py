@@ -211,8 +211,8 @@ def load_model(
         except FluidError as e:
             raise FluidError(f"{e} — the base model path comes from {folder / META_NAME} (base_model); if the base "
                              "moved, edit that field") from None
-        if embedding_rows(base) < meta.vocab_size:
-            base.resize_token_embeddings(meta.vocab_size)
+        if embedding_rows(base) < meta.vocab_size:  # the added rows' values come from the adapter just below
+            base.resize_token_embeddings(meta.vocab_size, mean_resizing=False)
         backbone = load_lora(base, folder)
         if merge and meta.lora_scope == "all":
             backbone = backbone.merge_and_unload()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluid_cli.compat import peft_wrapping
 from fluid_cli.errors import FluidError
 
 SCOPES = ("draft", "all")
@@ -51,7 +52,8 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, target_m
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with peft_wrapping():
+            return get_peft_model(model, lora)
     except ValueError as e:  # e.g. target_modules naming no module of this model
         raise FluidError(f"[lora] target_modules: {str(e).strip().splitlines()[0]}") from None
 
@@ -61,7 +63,8 @@ def load_lora(base: nn.Module, folder: str | Path) -> nn.Module:
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(base, folder)
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base, folder)
     except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types for a broken adapter file
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FluidError(f"{folder}: cannot load the LoRA adapter ({text}); the adapter files are damaged or do not "
