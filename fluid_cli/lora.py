@@ -105,10 +105,10 @@ class DraftGate:
         The mask row is merged into the embedding once (peft's trainable-token wrapper would otherwise copy the
         whole embedding matrix in every forward); it only ever meets draft rows. And when the adapted layers
         hold at most `stack_limit` weights, a forward over a tiny model is mostly per-operation overhead, not
-        arithmetic: each layer then keeps `[W; W + s B A]` and computes every row against both in one matmul,
-        taking the base half for main rows and the adapted half for draft rows (one matmul where the low-rank
-        path runs three). Large models keep the low-rank path: doubling their weights would double the memory
-        traffic that bounds their forwards.
+        arithmetic: each layer then keeps `W` and `W + s B A` and runs the main rows through the first, the draft
+        rows through the second (two matmuls where the low-rank path runs four, and no in-place add). Large models
+        keep the low-rank path: doubling their weights would double the memory traffic that bounds their
+        forwards.
         """
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
