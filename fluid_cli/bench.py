@@ -156,7 +156,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
                     if batch_size > 1 and name in BATCH_ONE_ONLY:
                         continue
                     status.update(f"{name}, batch size {batch_size}")
-                    runners(name, encoded[:batch_size], batch_size, 2)  # warm-up (and FLUID's cost probe)
+                    # Warm-up at full length: FLUID's cost probe, and with --compile every step shape compiled
+                    runners(name, encoded[:batch_size], batch_size, max_new)
                     before = counter.calls
                     outputs, wall = _timed(device, lambda: runners(name, encoded, batch_size, max_new))
                     tallies[name, batch_size] = Tally(sum(map(len, outputs)), counter.calls - before, wall, outputs)

@@ -656,8 +656,10 @@ class Decoder:
         active = [f for f in feeds if f is not None]
         wm = max(len(f.main) for f in active)
         wd = max(len(f.draft) for f in active)
-        fixed = self.settings.compile and wm + wd <= self.width
-        if fixed and wm + wd > 1:  # two shapes: a drafting step, [batch, 2K - 1], and a plain step, [batch, 1]
+        # Two shapes: a plain step, [batch, 1], and a drafting step, [batch, 2K - 1] as K main and K - 1 draft
+        # columns; a feed that fits neither (a prompt, a long correction) runs eagerly at its own shape.
+        fixed = self.settings.compile and (wm + wd == 1 or (wm <= self.plan.max_k and wd < self.plan.max_k))
+        if fixed and wm + wd > 1:
             wm, wd = self.plan.max_k, self.plan.max_k - 1
         q = wm + wd
         ids = [[0] * q for _ in feeds]
@@ -774,11 +776,14 @@ class Decoder:
                "gated": model.gate is not None, "device": str(self.device),
                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                "dtype": str(model.dtype), "threads": torch.get_num_threads(), "batch": n, "rows": self.width,
-               "compile": self.settings.compile}
+               "compile": self.settings.compile,
+               "probe": 2}  # how a table is measured: tables cached by an earlier way are measured again
         cached = load_cached_costs(key)
         if cached is not None:
             return cached
-        sizes = [q for q in PROBE_ROWS if q < self.width] + [self.width]
+        # Compiled, every drafting step runs the one fixed shape of `width` rows (see `_step`): two sizes to time.
+        fixed = self.settings.compile and self.width > 1
+        sizes = [1, self.width] if fixed else [q for q in PROBE_ROWS if q < self.width] + [self.width]
         prefix = (prompt * (64 // len(prompt) + 1))[:64]
         context = context_length(model.lm.config)
         if context is not None:
@@ -790,16 +795,19 @@ class Decoder:
             main = (q + 1) // 2
             feed = _Feed(prefix[-main:], [model.mask_token_id] * (q - main), len(prefix) - main, True, False)
             samples = []
-            for _ in range(4):
+            for i in range(5):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
                 feeds = [feed] * n
                 self._outputs(*self._step(cache, feeds), feeds)  # with its outputs: the full cost of a step
-                samples.append(time.perf_counter() - t0)
+                if i:  # the first is a warm-up (compiling a new shape, growing buffers)
+                    samples.append(time.perf_counter() - t0)
             times[q] = sorted(samples)[1]  # the second fastest of four: robust to one slow outlier
-        self.probe_forwards += 1 + 4 * len(sizes)
-        batch.probe_forwards += 1 + 4 * len(sizes)
+        if fixed:
+            times[2] = times[self.width]  # a step function: one mask row costs the whole fixed shape
+        self.probe_forwards += 1 + 5 * len(sizes)
+        batch.probe_forwards += 1 + 5 * len(sizes)
         table = CostTable(times)
         save_cached_costs(key, table)
         return table
