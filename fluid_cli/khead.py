@@ -15,8 +15,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-OBJECTIVES = ("loss-curve", "gaussian")
-
 
 @dataclass
 class KHeadMeta:

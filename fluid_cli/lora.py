@@ -34,7 +34,6 @@ from torch import nn
 from fluid_cli.compat import peft_wrapping
 from fluid_cli.errors import FluidError
 
-SCOPES = ("draft", "all")
 STACK_LIMIT = 16_000_000  # adapted-layer weights up to which decoding stacks base and adapted weights
 
 
