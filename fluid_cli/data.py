@@ -17,7 +17,6 @@ The data stays in Arrow files, memory-mapped, from the sources to the output: ro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -43,7 +42,16 @@ from fluid_cli.render import (
     encode_batch,
     source_spec,
 )
-from fluid_cli.sources import BAD_EXAMPLES, Source, iter_picked, picked_rows, read_source, select_rows
+from fluid_cli.sources import (
+    BAD_EXAMPLES,
+    Source,
+    digest,
+    iter_picked,
+    locate_parts,
+    picked_rows,
+    read_source,
+    select_rows,
+)
 
 HISTOGRAM_BINS = 8
 TOKENIZE_BATCH = 256
@@ -192,10 +200,9 @@ def encoded_stages(examples: Any, cfg: Recipe, tokenizer: Any, work: Path) -> tu
 
 def check_same_tokens(tokenizer: Any, model: str, trust_remote_code: bool) -> None:
     """The regenerating model must read the data's token ids as the data's tokenizer wrote them."""
-    from fluid_cli.hf import load_tokenizer
+    from fluid_cli.hf import load_tokenizer, vocab_differences
 
-    other = load_tokenizer(model, trust_remote_code=trust_remote_code).get_vocab()
-    if other != tokenizer.get_vocab():
+    if vocab_differences(load_tokenizer(model, trust_remote_code=trust_remote_code), tokenizer):
         raise FluidError(f"[data.regenerate] model: {model} has another tokenizer than [model] (the data's token ids "
                          "would mean other tokens); regenerate with a model of the same family")
 
@@ -265,7 +272,7 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
         rows = picked_rows(source, idx, work, f"pick-{i}")
         # Name the result ourselves: datasets would hash the tokenizer object, which need not hash the same way in
         # every process, and the fingerprint lands in state.json, which must be byte-identical run to run.
-        settings = json.dumps([source.identity, _digest(np.asarray(idx).tobytes()), source.layout, asdict(spec),
+        settings = json.dumps([source.identity, digest(np.asarray(idx).tobytes()), source.layout, asdict(spec),
                                data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer)],
                               sort_keys=True, default=str)
         num_proc = min(data.num_proc, len(rows))
@@ -280,7 +287,7 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
             num_proc=num_proc if num_proc > 1 else None,
             cache_file_name=str(work / f"encoded-{i}.arrow"),
             load_from_cache_file=False,
-            new_fingerprint=_digest(settings),
+            new_fingerprint=digest(settings),
             desc="Tokenizing" if len(sources) == 1 else f"Tokenizing {source.path}",
         ))
     if not parts:
@@ -324,13 +331,9 @@ def bookkeeping(encoded: Any, sources: list[Source], picked: list[np.ndarray], d
     def located(positions: np.ndarray) -> list[str]:
         """`where: message` for mixture rows `positions`."""
         messages = errors.take(positions).to_pylist()
-        which = np.searchsorted(offsets, positions, side="right") - 1
-        places: dict[int, str] = {}
-        for s in sorted(set(which.tolist())):
-            mine = positions[which == s]
-            rows = [int(picked[s][m - offsets[s]]) for m in mine]
-            places.update(zip(mine.tolist(), sources[s].locate(rows)))
-        return [f"{places[m]}: {message}" for m, message in zip(positions.tolist(), messages)]
+        places = locate_parts(offsets, positions,
+                              lambda s, local: sources[s].locate([int(picked[s][m]) for m in local]))
+        return [f"{place}: {message}" for place, message in zip(places, messages)]
 
     if len(bad) and not data.skip_bad_rows:
         raise FluidError(f"{located(bad[:1])[0]} ({len(bad)} bad row(s) in all; "
@@ -370,9 +373,9 @@ def _drop_reason(reason: str, cutoff_len: int) -> str:
 def kept_rows(encoded: Any, keep: np.ndarray, work: Path) -> Any:
     """The rows that became examples, in mixture order (an indices mapping over `encoded`)."""
     columns = ["input_ids", "labels", "truncated", "n_tokens", "n_trained"]
-    return encoded.select_columns(columns, new_fingerprint=_digest(f"{encoded._fingerprint}|columns")).select(
+    return encoded.select_columns(columns, new_fingerprint=digest(f"{encoded._fingerprint}|columns")).select(
         keep, indices_cache_file_name=str(work / "kept.indices.arrow"),
-        new_fingerprint=_digest(f"{encoded._fingerprint}|keep|{_digest(keep.tobytes())}"))
+        new_fingerprint=digest(f"{encoded._fingerprint}|keep|{digest(keep.tobytes())}"))
 
 
 def token_counts(examples: Any, batch_size: int = 4096) -> tuple[np.ndarray, int]:
@@ -393,13 +396,13 @@ def split(examples: Any, data: DataConfig, where: str, work: Path) -> Any:
     n = len(examples)
     n_val = validation_size(data.validation, n, where)
     base = examples._fingerprint
-    shuffled = examples.select_columns(["input_ids", "labels"], new_fingerprint=_digest(f"{base}|ids")).shuffle(
+    shuffled = examples.select_columns(["input_ids", "labels"], new_fingerprint=digest(f"{base}|ids")).shuffle(
         seed=data.seed, indices_cache_file_name=str(work / "shuffle.indices.arrow"),
-        new_fingerprint=_digest(f"{base}|shuffle|{data.seed}"))
-    splits = {"train": shuffled.select(range(n_val, n), new_fingerprint=_digest(f"{base}|train|{data.seed}|{n_val}"))}
+        new_fingerprint=digest(f"{base}|shuffle|{data.seed}"))
+    splits = {"train": shuffled.select(range(n_val, n), new_fingerprint=digest(f"{base}|train|{data.seed}|{n_val}"))}
     if n_val:
         splits["validation"] = shuffled.select(range(n_val),
-                                               new_fingerprint=_digest(f"{base}|validation|{data.seed}|{n_val}"))
+                                               new_fingerprint=digest(f"{base}|validation|{data.seed}|{n_val}"))
     return datasets.DatasetDict(splits)
 
 
@@ -437,10 +440,6 @@ def summarize(cfg: Recipe, text: list[DataSource], specs: list[SourceSpec], toke
         **({"regenerate": {k: v for k, v in regenerated.items() if k not in ("seconds", "cached_chunks")}}
            if regenerated else {}),
     }
-
-
-def _digest(value: str | bytes) -> str:
-    return hashlib.sha256(value if isinstance(value, bytes) else value.encode()).hexdigest()[:16]
 
 
 def print_summary(stats: dict, out: Path, total_seconds: float, tokenize_seconds: float,

@@ -506,7 +506,6 @@ class _Row:
         if self.on_block is not None and new:
             self.on_block(new)
 
-
     def _settle_previews(self) -> None:
         """Record every first draft whose slots the committed text now decides: slot `j` was right if it is the
         token committed `j` places after slot 0 (committed tokens are the greedy ones), given slots before it
@@ -768,8 +767,9 @@ class Decoder:
 
     # -- forward costs ----------------------------------------------------------------------------------------------
     def _probe_costs(self, prompt: list[int], batch: BatchStats) -> CostTable:
-        """Time decode forwards of 1..2K-1 rows per batch row after a prefix (cached per model, device, dtype,
-        batch size and thread count); the probe's forwards are counted apart from the generations'."""
+        """Time decode forwards of 1..2K-1 rows per batch row after a prefix (compiled: the two shapes there are),
+        cached per model, device, dtype, batch size and thread count; the probe's forwards are counted apart from
+        the generations'."""
         model, n = self.model, min(self.batch_size, 64)
         config = model.lm.config.to_dict()
         key = {"model": {k: config.get(k) for k in sorted(config) if not k.startswith(("_", "transformers"))},

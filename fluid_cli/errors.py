@@ -8,3 +8,9 @@ their tracebacks.
 
 class FluidError(Exception):
     """A user-facing error: its message is printed as is, without a traceback."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a library's error message, for a one-line error (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

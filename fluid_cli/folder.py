@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 from fluid_cli.config import build_typed
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 from fluid_cli.hf import (
     check_weight_files,
     embedding_rows,
@@ -244,13 +244,11 @@ def _sharded(folder: Path) -> bool:
 
 
 def _read_khead(folder: Path, hidden_size: int, max_k: int) -> KHead:
-    path = folder / KHEAD_NAME
-    if not path.is_file():
-        raise FluidError(f"{path}: missing ({REMEDY})")
+    path = folder / KHEAD_NAME  # present: `check_files` ran first
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise FluidError(f"{path}: unreadable K-head weights ({str(e).strip().splitlines()[0]}; {REMEDY})") from None
+        raise FluidError(f"{path}: unreadable K-head weights ({first_line(e)}; {REMEDY})") from None
     head = KHead(hidden_size, max_k)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 
 # --------------------------------------------------------------------------------------------- device and dtype
 
@@ -51,11 +51,6 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | None = 
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 
@@ -89,13 +84,13 @@ def check_weight_files(folder: Path, remedy: str = PLAIN_REMEDY) -> None:
         try:
             json.loads(config.read_bytes()) if config.is_file() else None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FluidError(f"{config}: unreadable JSON ({_first_line(e)}); {remedy}") from None
+            raise FluidError(f"{config}: unreadable JSON ({first_line(e)}); {remedy}") from None
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise FluidError(f"{file}: corrupt or truncated weight file ({_first_line(e)}); {remedy}") from None
+            raise FluidError(f"{file}: corrupt or truncated weight file ({first_line(e)}); {remedy}") from None
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
@@ -111,9 +106,9 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str = torch.float32, trust
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except SafetensorError as e:  # a truncated or corrupt weight file
-        raise FluidError(f"{path}: corrupt weight file ({_first_line(e)}); {remedy}") from None
+        raise FluidError(f"{path}: corrupt weight file ({first_line(e)}); {remedy}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise FluidError(f"{path}: cannot load a causal LM ({_first_line(e)})") from None
+        raise FluidError(f"{path}: cannot load a causal LM ({first_line(e)})") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -129,7 +124,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, remedy: str | 
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for an unreadable folder
-        raise FluidError(f"{name}: cannot load a tokenizer ({_first_line(e)}){fix}") from None
+        raise FluidError(f"{name}: cannot load a tokenizer ({first_line(e)}){fix}") from None
 
 
 def build_scratch_model(
@@ -202,6 +197,19 @@ def eos_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------- the mask token
+
+
+def vocab_differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The tokens (sorted) that two tokenizers map to different ids, or that only one of them has.
+
+    >>> class Tok:
+    ...     def __init__(self, vocab): self.vocab = vocab
+    ...     def get_vocab(self): return self.vocab
+    >>> vocab_differences(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 2, "c": 3}), ignore=("c",))
+    ['b']
+    """
+    va, vb = a.get_vocab(), b.get_vocab()
+    return sorted(t for t in va.keys() | vb.keys() if t not in ignore and va.get(t) != vb.get(t))
 
 
 def resolve_mask_token(tokenizer: Any, model: PreTrainedModel, mask_token: str, add: bool = True) -> tuple[int, bool]:

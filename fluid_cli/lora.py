@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluid_cli.compat import peft_wrapping
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 
 STACK_LIMIT = 16_000_000  # adapted-layer weights up to which decoding stacks base and adapted weights
 
@@ -54,7 +54,7 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, target_m
         with peft_wrapping():
             return get_peft_model(model, lora)
     except ValueError as e:  # e.g. target_modules naming no module of this model
-        raise FluidError(f"[lora] target_modules: {str(e).strip().splitlines()[0]}") from None
+        raise FluidError(f"[lora] target_modules: {first_line(e)}") from None
 
 
 def load_lora(base: nn.Module, folder: str | Path) -> nn.Module:
@@ -65,9 +65,8 @@ def load_lora(base: nn.Module, folder: str | Path) -> nn.Module:
         with peft_wrapping():
             return PeftModel.from_pretrained(base, folder)
     except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types for a broken adapter file
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FluidError(f"{folder}: cannot load the LoRA adapter ({text}); the adapter files are damaged or do not "
-                         "match the base model") from None
+        raise FluidError(f"{folder}: cannot load the LoRA adapter ({first_line(e)}); the adapter files are damaged "
+                         "or do not match the base model") from None
 
 
 class DraftGate:

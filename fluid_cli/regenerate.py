@@ -23,7 +23,6 @@ vLLM backend would be another implementation of `generate`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
@@ -42,7 +41,7 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from fluid_cli.config import DataSource, RegenerateConfig
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 from fluid_cli.hf import (
     check_model_folder,
     context_length,
@@ -55,6 +54,7 @@ from fluid_cli.hf import (
 )
 from fluid_cli.io import write_json_atomic
 from fluid_cli.layout import IGNORE
+from fluid_cli.sources import digest
 
 SELF = "self"  # the source path of prompts sampled from the model
 DEFAULT_PREFIX = (4, 16)  # prefix_tokens of a "self" source
@@ -147,7 +147,7 @@ def check(cfg: RegenerateConfig | None, model: str | None, sources: list[DataSou
     try:
         context = context_length(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code))
     except (OSError, ValueError) as e:
-        raise FluidError(f"{model}: cannot read the model's config ({str(e).strip().splitlines()[0]})") from None
+        raise FluidError(f"{model}: cannot read the model's config ({first_line(e)})") from None
     if context is not None and cutoff_len > context:
         raise FluidError(f"{where}: [data] cutoff_len = {cutoff_len}: longer than the context of the model that "
                          f"regenerates ({context} positions), so a prompt could not be continued; lower cutoff_len")
@@ -171,7 +171,7 @@ def regenerate(examples: Any, sources: list[DataSource], cfg: RegenerateConfig, 
     selfs = [(i, s.num_samples, s.prefix_tokens or DEFAULT_PREFIX, s.prefix_temperature or 1.0)
              for i, s in enumerate(sources) if s.path == SELF]
     settings = {"model": model, **{k: v for k, v in asdict(cfg).items() if k not in ("model", "num_proc")}}
-    key = _digest(json.dumps([settings, cutoff_len, data_seed, examples._fingerprint, len(examples), selfs]))
+    key = digest(json.dumps([settings, cutoff_len, data_seed, examples._fingerprint, len(examples), selfs]))
     folder = cache.parent / f".{cache.name}.regen-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     total = len(examples) + sum(s[1] for s in selfs)
@@ -345,5 +345,3 @@ def _progress(console: Console) -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -23,14 +23,14 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fluid_cli.config import DataConfig, DataSource
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 from fluid_cli.render import SYNTHETIC, TEXT_COLUMN, SourceSpec, batch_rows
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -186,7 +186,7 @@ def _read_json_text(file: Path, skip_bad_rows: bool, work: Path, identity: str) 
     examples = []
     if bad.any():
         examples = rows.data.column("error").take(np.flatnonzero(bad)[:BAD_EXAMPLES]).to_pylist()
-        rows = rows.select(np.flatnonzero(~bad), indices_cache_file_name=str(work / f"good-{_digest(identity)}.arrow"))
+        rows = rows.select(np.flatnonzero(~bad), indices_cache_file_name=str(work / f"good-{digest(identity)}.arrow"))
 
     def locate(ks: list[int]) -> list[str]:
         return rows.with_format("arrow", columns=["where"])[list(ks)]["where"].to_pylist() if len(ks) else []
@@ -267,8 +267,7 @@ def _combine(path: str, parts: list[Source], work: Path) -> Source:
     import datasets
 
     if len(parts) == 1:
-        return Source(path, parts[0].rows, parts[0].layout, parts[0].locate, parts[0].identity, parts[0].bad,
-                      parts[0].bad_examples)
+        return replace(parts[0], path=path)
     identity = "|".join(p.identity for p in parts)
     first = parts[0]
     if any(p.layout != first.layout or p.rows.features != first.rows.features for p in parts):
@@ -277,12 +276,7 @@ def _combine(path: str, parts: list[Source], work: Path) -> Source:
     offsets = np.cumsum([0] + [len(p) for p in parts])
 
     def locate(ks: list[int]) -> list[str]:
-        which = np.searchsorted(offsets, ks, side="right") - 1
-        out: dict[int, str] = {}
-        for j in sorted(set(which.tolist())):
-            local = [k for k, w in zip(ks, which) if w == j]
-            out.update(zip(local, parts[j].locate([k - int(offsets[j]) for k in local])))
-        return [out[k] for k in ks]
+        return locate_parts(offsets, ks, lambda j, local: parts[j].locate(local))
 
     return Source(path, rows, parts[0].layout, locate, identity, sum(p.bad for p in parts),
                   [m for p in parts for m in p.bad_examples][:BAD_EXAMPLES])
@@ -299,11 +293,11 @@ def _as_json_text(part: Source, work: Path) -> Source:
         fn_kwargs={"layout": part.layout},
         remove_columns=part.rows.column_names,
         features=datasets.Features({TEXT_COLUMN: datasets.Value("string")}),
-        cache_file_name=str(work / f"text-{_digest(part.identity)}.arrow"),
+        cache_file_name=str(work / f"text-{digest(part.identity)}.arrow"),
         load_from_cache_file=False,
-        new_fingerprint=_digest(f"text|{part.identity}"),
+        new_fingerprint=digest(f"text|{part.identity}"),
     )
-    return Source(part.path, rows, "json-text", part.locate, part.identity, part.bad, part.bad_examples)
+    return replace(part, rows=rows, layout="json-text")
 
 
 def _json_text_batch(batch: dict, layout: str) -> dict[str, list]:
@@ -383,7 +377,7 @@ def picked_rows(source: Source, idx: np.ndarray, work: Path, name: str) -> Any:
         ['c', 'a', 'c']
     """
     return source.rows.select(idx, indices_cache_file_name=str(work / f"{name}.indices.arrow"),
-                              new_fingerprint=_digest(f"{source.identity}|{_digest(np.asarray(idx).tobytes())}"))
+                              new_fingerprint=digest(f"{source.identity}|{digest(np.asarray(idx).tobytes())}"))
 
 
 def iter_picked(source: Source, idx: np.ndarray, work: Path, name: str, batch_size: int = 1000) -> Iterator[dict]:
@@ -423,7 +417,23 @@ def _first_non_utf8_line(file: Path) -> int | None:
     return None
 
 
-def _digest(value: str | bytes) -> str:
+def locate_parts(offsets: np.ndarray, ks: Any, locate_part: Callable[[int, list[int]], list[str]]) -> list[str]:
+    """Where rows `ks` of parts laid end to end are (`offsets[j]`: part `j`'s first row): each part is asked once,
+    `locate_part(j, its rows)`.
+
+    >>> locate_parts(np.array([0, 2, 5]), [3, 0, 4], lambda j, rows: [f"part {j} row {r}" for r in rows])
+    ['part 1 row 1', 'part 0 row 0', 'part 1 row 2']
+    """
+    ks = np.asarray(ks, dtype=np.int64)
+    which = np.searchsorted(offsets, ks, side="right") - 1
+    places: dict[int, str] = {}
+    for j in sorted(set(which.tolist())):
+        mine = ks[which == j]
+        places.update(zip(mine.tolist(), locate_part(j, (mine - int(offsets[j])).tolist())))
+    return [places[k] for k in ks.tolist()]
+
+
+def digest(value: str | bytes) -> str:
     """A 16-hex-digit name (a valid `datasets` fingerprint) for `value`."""
     return hashlib.sha256(value if isinstance(value, bytes) else value.encode()).hexdigest()[:16]
 
@@ -432,8 +442,7 @@ def _reason(e: BaseException) -> str:
     """The first line of the innermost cause of `e` (`datasets` wraps the reader's own error)."""
     while e.__cause__ is not None:
         e = e.__cause__
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ from fluid_cli.config import FluidConfig, Recipe
 from fluid_cli.data import arrow_column, load_prepared
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import META_NAME, save_model
-from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token
+from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token, vocab_differences
 from fluid_cli.io import (
     check_output_dir,
     disk_full_error,
@@ -133,9 +133,7 @@ def dataset_tokenizer(cfg: Recipe) -> Any | None:
 
 def check_same_vocabulary(data_tok: Any, model_tok: Any, cfg: Recipe) -> None:
     """The data's token ids must mean what the model's tokenizer says they mean (the mask token aside)."""
-    data_vocab, model_vocab = data_tok.get_vocab(), model_tok.get_vocab()
-    differ = sorted(t for t in data_vocab.keys() | model_vocab.keys()
-                    if t != cfg.fluid.mask_token and data_vocab.get(t) != model_vocab.get(t))
+    differ = vocab_differences(data_tok, model_tok, ignore=(cfg.fluid.mask_token,))
     if differ:
         raise FluidError(
             f"{dataset_dir(cfg) / 'tokenizer'}: the dataset was tokenized with a different tokenizer than "

@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from fluid_cli import config, data, khead, layout, render, sources, synthetic, tokenizer
+from fluid_cli import config, data, hf, khead, layout, render, sources, synthetic, tokenizer
 
 
-@pytest.mark.parametrize("module", [config, data, khead, layout, render, sources, synthetic, tokenizer],
+@pytest.mark.parametrize("module", [config, data, hf, khead, layout, render, sources, synthetic, tokenizer],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module)
