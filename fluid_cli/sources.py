@@ -198,9 +198,7 @@ def _read_json_text(file: Path, skip_bad_rows: bool, work: Path, identity: str) 
 def _json_text_rows(file: str, skip_bad_rows: bool) -> Iterator[dict]:
     """`datasets.Dataset.from_generator` generator: one JSON object per row, as text, with where it is."""
     path = Path(file)
-    with path.open("rb") as f:
-        head = f.read(4096).removeprefix(UTF8_BOM).lstrip()
-    if head.startswith(b"["):
+    if _is_json_array(path):
         try:
             items = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -239,12 +237,18 @@ def _object_row(item: Any, text: str | None, where: str, skip_bad_rows: bool) ->
     return {TEXT_COLUMN: "", "where": where, "error": message}
 
 
+def _is_json_array(file: Path) -> bool:
+    """A JSON file holding one array of rows (not JSON Lines): its first character, after any BOM and
+    whitespace, opens an array."""
+    with file.open("rb") as f:
+        return f.read(4096).removeprefix(UTF8_BOM).lstrip().startswith(b"[")
+
+
 def _json_places(file: Path, ks: list[int]) -> list[str]:
     """Where rows `ks` of a JSON file read by Arrow are: `file:line` (blank lines hold no row), or `file[k]` for
     an array. One pass over the file, done only for the rows an error message names."""
-    with file.open("rb") as f:
-        if f.read(4096).removeprefix(UTF8_BOM).startswith(b"["):
-            return [f"{file}[{k}]" for k in ks]
+    if _is_json_array(file):
+        return [f"{file}[{k}]" for k in ks]
     wanted, found, row = set(ks), {}, -1
     with file.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):

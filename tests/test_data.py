@@ -431,6 +431,15 @@ def test_malformed_json_names_file_and_line(tmp_path):
     assert "bad.json:3: malformed JSON" in error_line(result)
 
 
+@pytest.mark.parametrize("lead", ["", "\n  "], ids=["at-start", "after-whitespace"])
+def test_a_bad_row_of_a_json_array_is_named_by_its_index(tmp_path, lead):
+    """Arrow reads the array; the bad row is named `file[k]`, however the file begins."""
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]
+    (tmp_path / "arr.json").write_text(lead + json.dumps(rows, indent=1))
+    result = prepare(write_recipe(tmp_path, [{"path": "arr.json", "format": "prompt_response"}]), ok=False)
+    assert "arr.json[1]: " in error_line(result)
+
+
 def test_missing_column_lists_the_columns(tmp_path):
     write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     result = prepare(write_recipe(tmp_path, [{"path": "qa.jsonl", "format": "prompt_response"}]), ok=False)
