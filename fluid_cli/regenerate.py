@@ -138,9 +138,6 @@ def check(cfg: RegenerateConfig | None, model: str | None, sources: list[DataSou
         src, key = sources[i], f"{where}: [data] sources[{i}]"
         if src.num_samples is None or src.weight is not None:
             raise FluidError(f"{key}: a \"self\" source needs num_samples (the prompts to sample), not weight")
-        lo, hi = src.prefix_tokens or DEFAULT_PREFIX
-        if len(src.prefix_tokens or DEFAULT_PREFIX) != 2 or not 1 <= lo <= hi:
-            raise FluidError(f"{key} prefix_tokens: expected [min, max] with 1 <= min <= max, got {src.prefix_tokens}")
     if model is None:
         raise FluidError(f"{where}: [data.regenerate] model: no model to regenerate with (set it, or [model] path)")
     check_model_folder(model)

@@ -123,10 +123,6 @@ def source_spec(src: DataSource, index: int, data: DataConfig, where: str) -> So
                if role != "system" or "system" in src.columns}
     if src.weight is not None and src.num_samples is not None:
         raise FluidError(f"{key}: set weight or num_samples, not both")
-    if src.weight is not None and src.weight <= 0:
-        raise FluidError(f"{key} weight: must be positive, got {src.weight}")
-    if src.num_samples is not None and src.num_samples <= 0:
-        raise FluidError(f"{key} num_samples: must be positive, got {src.num_samples}")
     if "system" in src.columns and data.template == "none":
         raise FluidError(f"{key} columns: raw text (template = \"none\") has no system turn; "
                          f"write {{{src.columns['system']}}} into prompt_format instead")
