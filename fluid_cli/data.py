@@ -177,8 +177,7 @@ def encoded_stages(examples: Any, cfg: Recipe, tokenizer: Any, work: Path) -> tu
     """The stages between the encoded examples and the split/save; returns the examples and what the stages
     report for `stats.json`.
 
-    `examples` is a `datasets.Dataset` of the kept examples in mixture order: `input_ids` and `labels`, plus the
-    bookkeeping columns `truncated`, `n_tokens` and `n_trained`, which nothing after this reads. A stage that
+    `examples` is a `datasets.Dataset` of the kept examples in mixture order: `input_ids` and `labels`. A stage that
     rewrites examples takes such a dataset and returns one with `input_ids` and `labels`; `work` is the run's
     scratch folder for its Arrow files. What it returns must carry a fixed fingerprint so that the output stays
     byte-identical run to run. The token counts and lengths in `stats.json` are read from what this returns.
@@ -372,7 +371,7 @@ def _drop_reason(reason: str, cutoff_len: int) -> str:
 
 def kept_rows(encoded: Any, keep: np.ndarray, work: Path) -> Any:
     """The rows that became examples, in mixture order (an indices mapping over `encoded`)."""
-    columns = ["input_ids", "labels", "truncated", "n_tokens", "n_trained"]
+    columns = ["input_ids", "labels"]
     return encoded.select_columns(columns, new_fingerprint=digest(f"{encoded._fingerprint}|columns")).select(
         keep, indices_cache_file_name=str(work / "kept.indices.arrow"),
         new_fingerprint=digest(f"{encoded._fingerprint}|keep|{digest(keep.tobytes())}"))

@@ -299,7 +299,6 @@ def label_prefixes(prefix_ids: list[list[int]], trained: list[bool]) -> tuple[li
 #   "json-columns"  the same, read from JSON through Arrow: Arrow gives every row every key of the file (missing
 #                   ones as null), so null-valued keys are dropped again to get the rows as written;
 #   "json-text"     one column `row`, each row's JSON object as text (JSON files Arrow cannot type exactly).
-ROW_LAYOUTS = ("columns", "json-columns", "json-text")
 TEXT_COLUMN = "row"
 
 
@@ -329,10 +328,8 @@ def _without_nulls(value: Any) -> Any:
 # a row is; that is looked up only for the errors reported); `drop` says why a row without error has no example.
 ENCODED_FEATURES = {
     "input_ids": ("int64", True), "labels": ("int64", True), "error": ("string", False),
-    "drop": ("string", False), "truncated": ("bool", False), "n_tokens": ("int64", False),
-    "n_trained": ("int64", False),
+    "drop": ("string", False), "truncated": ("bool", False),
 }
-DROP_REASONS = ("no_trainable_tokens", "trainable_part_cut")
 
 
 def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, template_kwargs: dict, cutoff_len: int
@@ -360,12 +357,11 @@ def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, tem
         truncated = len(ids) > cutoff_len
         trainable = labels.count(IGNORE) < len(labels)
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        n_trained = len(labels) - labels.count(IGNORE)
-        if not error and n_trained == 0:
+        if not error and labels.count(IGNORE) == len(labels):
             drop = "trainable_part_cut" if trainable else "no_trainable_tokens"
         if drop or error:
             ids, labels = [], []
         for name, value in (("input_ids", ids), ("labels", labels), ("error", error), ("drop", drop),
-                            ("truncated", truncated and not drop), ("n_tokens", len(ids)), ("n_trained", n_trained)):
+                            ("truncated", truncated and not drop)):
             out[name].append(value)
     return out

@@ -47,9 +47,10 @@ MAX_REPEATS = 1000  # num_samples may repeat a source's rows, up to this many ti
 class Source:
     """One source's usable rows as a `datasets.Dataset`, and how to read them.
 
-    `layout` says how a batch of `rows` holds the rows (see `fluid_cli.render.ROW_LAYOUTS`); `locate` names where
-    rows are (their file and line, or `file row N`), given their row numbers; `identity` changes whenever the
-    content may have, and names the tokenized result (so that the output is byte-identical run to run).
+    `layout` says how a batch of `rows` holds the rows (the layouts are listed above `fluid_cli.render.batch_rows`);
+    `locate` names where rows are (their file and line, or `file row N`), given their row numbers; `identity`
+    changes whenever the content may have, and names the tokenized result (so that the output is byte-identical
+    run to run).
     """
 
     path: str
