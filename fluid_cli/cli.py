@@ -116,12 +116,9 @@ def prepare_data(
     """Tokenize the \\[data] sources into a prompt-masked training set at \\[data] output_dir."""
     from fluid_cli import data
     from fluid_cli.config import load_recipe
-    from fluid_cli.io import disk_full_is_an_error
 
     with user_errors():
-        cfg = load_recipe(recipe, set_)
-        with disk_full_is_an_error(cfg.data.output_dir, "the partial output was removed (the previous one is kept)"):
-            data.run(cfg, overwrite=overwrite)
+        data.run(load_recipe(recipe, set_), overwrite=overwrite)
 
 
 @app.command("train-stage1")

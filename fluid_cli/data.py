@@ -32,7 +32,14 @@ from rich.table import Table
 from fluid_cli import regenerate
 from fluid_cli.config import DataConfig, DataSource, Recipe
 from fluid_cli.errors import FluidError
-from fluid_cli.io import atomic_dir, check_output_dir, recover_dir, staging_dir, write_json_atomic
+from fluid_cli.io import (
+    atomic_dir,
+    check_output_dir,
+    disk_full_is_an_error,
+    recover_dir,
+    staging_dir,
+    write_json_atomic,
+)
 from fluid_cli.layout import IGNORE
 from fluid_cli.render import (
     ENCODED_FEATURES,
@@ -130,7 +137,8 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    with scratch_dir(out) as work:
+    kept = "the partial output was removed (the previous one is kept)"
+    with disk_full_is_an_error(out, kept), scratch_dir(out) as work:
         sources = [read_source(src, spec, data, work) for src, spec in zip(text, specs)]
         for src, source in zip(text, sources):
             if not len(source):

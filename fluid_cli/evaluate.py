@@ -44,7 +44,7 @@ import fluid_cli.tasks
 from fluid_cli.compat import lm_eval_task_index
 from fluid_cli.config import EvalConfig, Recipe
 from fluid_cli.errors import FluidError
-from fluid_cli.io import check_output_dir, disk_full_is_an_error, write_json_atomic, write_text_atomic
+from fluid_cli.io import check_output_dir, check_output_file, disk_full_is_an_error, write_json_atomic, write_text_atomic
 from fluid_cli.lm_eval_adapter import FluidLM
 
 Entry, Kind, TaskIndex, load_yaml = lm_eval_task_index()
@@ -225,8 +225,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if not ev.tasks:
         raise FluidError("no tasks: name them (e.g. `fluid eval gsm8k --model DIR`) or set [eval] tasks")
     check_output_dir(ev.output_dir, "--output-dir / [eval] output_dir")
-    if (Path(ev.output_dir) / RESULTS_NAME).exists() and not overwrite:
-        raise FluidError(f"{Path(ev.output_dir) / RESULTS_NAME}: exists; pass --overwrite to replace it")
+    check_output_file(Path(ev.output_dir) / RESULTS_NAME, "--output-dir / [eval] output_dir", overwrite)
     data_dir = ev.data_dir or os.environ.get(DATA_DIR_ENV)
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is not None and not data_dir.is_dir():

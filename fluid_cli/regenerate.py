@@ -111,7 +111,6 @@ class TransformersBackend:
                                  trust_remote_code=trust_remote_code).to(device).eval()
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.eos = eos_token_ids(self.tokenizer, self.lm)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos or (0,))[0]
         self.bos = self.tokenizer.bos_token_id
         self.context = context_length(self.lm.config)
 
@@ -121,7 +120,8 @@ class TransformersBackend:
         `temperature` is None, else sampled with a generator seeded by `seed`."""
         if temperature is not None:
             torch.manual_seed(seed)
-        return generate_batch(self.lm, prompts, max_new_tokens, self.eos, self.pad, temperature=temperature)
+        return generate_batch(self.lm, prompts, max_new_tokens, self.eos, self.tokenizer.pad_token_id,
+                              temperature=temperature)
 
 
 def check(cfg: RegenerateConfig | None, model: str | None, sources: list[DataSource], cutoff_len: int, where: str,

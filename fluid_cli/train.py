@@ -49,7 +49,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from fluid_cli.backbone import model_reference, recipe_lm, recipe_tokenizer
+from fluid_cli.backbone import NO_MODEL, model_reference, recipe_lm, recipe_tokenizer
 from fluid_cli.config import FluidConfig, Recipe
 from fluid_cli.data import arrow_column, load_prepared
 from fluid_cli.errors import FluidError
@@ -104,7 +104,7 @@ def preflight(cfg: Recipe, resume: bool) -> None:
     if not data.is_dir():
         raise FluidError(f"{where}: dataset folder {data} not found (run `fluid prepare-data` with this recipe first)")
     if cfg.model.scratch is None and cfg.model.path is None:
-        raise FluidError("[model] path: no model given (set path, or [model.scratch] to grow one)")
+        raise FluidError(NO_MODEL)
     if cfg.model.scratch is not None and cfg.lora.enabled:  # only training minds: prepare-data uses the tokenizer
         raise FluidError("[lora] enabled: a model grown from scratch trains all its weights; "
                          "set [lora] enabled = false")
@@ -531,7 +531,8 @@ def setup(cfg: Recipe, resume: bool) -> Run:
     sched = Schedule.of(len(train), t.batch_size, t.grad_accum, acc.num_processes, t.max_steps, t.epochs,
                         t.warmup_ratio)
     check_expanded_len(cfg, train)
-    if resume and (done := checkpoint_step(latest_checkpoint(out))) > sched.total_steps:
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None and (done := checkpoint_step(checkpoint)) > sched.total_steps:
         raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
                          f"{sched.total_steps} steps ([train] max_steps / epochs); raise them to continue it")
     objective = Stage1Objective(fluid, cfg.fluid)
@@ -545,7 +546,7 @@ def setup(cfg: Recipe, resume: bool) -> Run:
     layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
     run_state = {"world_size": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                  "seed": t.seed, "lora_scope": fluid.meta.lora_scope}
-    start = load_checkpoint(acc, latest_checkpoint(out), layout_rng, run_state) if resume else 0
+    start = load_checkpoint(acc, checkpoint, layout_rng, run_state) if checkpoint is not None else 0
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
