@@ -14,7 +14,7 @@ as the mask (`--mask-token`, default: its unk, then pad token): verified output 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fluid_cli.config import Recipe
-from fluid_cli.decode import Decoder, DecodeResult, ar_settings
+from fluid_cli.decode import Decoder, DecodeResult, Request, ar_settings
 from fluid_cli.errors import FluidError
 from fluid_cli.hf import greedy_generate, load_causal_lm
 from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
@@ -113,21 +113,22 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
     encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts]
     decoder = Decoder(model, settings, batch_size=cfg.batch_size)
     ar = Decoder(model, ar_settings(settings)) if compare_ar else None
-    if ar is not None:  # one short untimed run first, so neither decoder pays the first call's setup in its time
-        Decoder(model, replace(ar_settings(settings), max_new_tokens=2, stop=None)).decode(encoded[0])
+    if ar is not None:  # a short untimed run of each first, so neither pays its setup (a cost probe) in its time
+        for warm in (decoder, ar):
+            warm.run([Request(encoded[0], max_new_tokens=2)])
     if cfg.batch_size == 1:
         results = [_stream(decoder, model, ids, n, len(prompts), json_output, out, err)
                    for n, ids in enumerate(encoded, start=1)]
     else:
         results, _ = decoder.run(encoded)
-        if not json_output:
-            for n, result in enumerate(results, start=1):
-                if len(prompts) > 1:
-                    err.rule(f"prompt {n}")
-                out.file.write(model.tokenizer.decode(result.tokens, skip_special_tokens=True) + "\n")
+    texts = [model.tokenizer.decode(result.tokens, skip_special_tokens=True) for result in results]
+    if cfg.batch_size > 1 and not json_output:
+        for n, text in enumerate(texts, start=1):
+            if len(prompts) > 1:
+                err.rule(f"prompt {n}")
+            out.file.write(text + "\n")
     generations = []
-    for prompt, ids, result in zip(prompts, encoded, results):
-        text = model.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    for prompt, ids, result, text in zip(prompts, encoded, results, texts):
         reference = ar.decode(ids) if ar is not None else None
         base_tokens = None
         if base is not None:
