@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from fluid_cli.bench import timed
 from fluid_cli.decode import DecodeSettings, Decoder, Request, ar_settings
 from fluid_cli.khead import KHead
 from fluid_cli.model import FluidMeta, FluidModel
@@ -52,22 +52,15 @@ def per_step_ms(model: FluidModel, k: int, batch: int, context: int, steps: int,
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.meta.vocab_size - 1, (context,), generator=g).tolist() for _ in range(batch)]
 
-    def timed(new_tokens: int) -> tuple[float, int]:
-        sync(model.device)
-        start = time.perf_counter()
-        _, stats = decoder.run([Request(p, max_new_tokens=new_tokens) for p in prompts])
-        sync(model.device)
-        return time.perf_counter() - start, stats.forwards
+    def run(new_tokens: int) -> tuple[float, int]:
+        (_, stats), wall = timed(model.device, lambda: decoder.run([Request(p, max_new_tokens=new_tokens)
+                                                                    for p in prompts]))
+        return wall, stats.forwards
 
-    timed(steps)  # warm-up: allocation, kernel choice, compilation
-    full, forwards = timed(steps)
-    prefill, prefill_forwards = timed(1)
+    run(steps)  # warm-up: allocation, kernel choice, compilation
+    full, forwards = run(steps)
+    prefill, prefill_forwards = run(1)
     return 1000 * (full - prefill) / max(forwards - prefill_forwards, 1)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ Builds LoRA (rank `--rank`, all linear layers, random non-zero weights) on the m
 of stories260K's shape, so it runs anywhere), and times the decoder's own forwards after a `--prefix`-token
 prompt: a plain one-row step and the fused verify+draft step (`k` main rows and `k - 1` draft rows), for the
 gated adapter (`scope = "draft"` as decoding loads it: stacked base and adapted weights for a model this small),
-the gate's low-rank path (what large models use), the merged adapter (`scope = "all"`) and the base model. Prints milliseconds per forward (median of `--reps`) and the gated/merged ratio.
+the gate's low-rank path (what large models use), the merged adapter (`scope = "all"`) and the base model.
+Prints milliseconds per forward (median of `--reps`) and the gated/merged ratio.
 """
 
 from __future__ import annotations

@@ -63,10 +63,9 @@ def main() -> None:
     for spec in args.sets:
         name, _, rest = spec.partition("=")
         model_dir, _, prompt_file = rest.rpartition(":")
-        model = load_for_inference(model_dir, device="cpu", max_k=8 if not Path(model_dir, "fluid.json").exists()
-                                   else None)
-        chat = bool(getattr(model.tokenizer, "chat_template", None))
-        prompts = [encode_prompt(model.tokenizer, p, chat) for p in read_prompt_file(Path(prompt_file))][: args.limit]
+        model = load_for_inference(model_dir, device="cpu", max_k=8)  # max_k: a plain model's (a FLUID one has its own)
+        # the chat template when the tokenizer has one
+        prompts = [encode_prompt(model.tokenizer, p, True) for p in read_prompt_file(Path(prompt_file))][: args.limit]
         common = {"max_new_tokens": args.max_new_tokens, "eos_token_ids": eos_token_ids(model.tokenizer, model.lm)}
         ar = Decoder(model, ar_settings(DecodeSettings(**common)))
         ar.decode(prompts[0])  # warm-up

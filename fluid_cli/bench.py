@@ -9,8 +9,9 @@ Decoders (each on every prompt, at every `--batch-size`):
 - `fluid`: the FLUID decoder with the `[generate]` settings.
 
 Forwards of the model under test are counted with one hook on its decoder stack, for every decoder alike (an
-assistant model's own forwards are not counted). Each decoder first runs one short untimed generation, so none
-pays the first call's setup (nor FLUID its one-time forward-cost probe). The GPU is used when there is one.
+assistant model's own forwards are not counted). Each decoder first decodes the first batch of prompts untimed, at full
+length, so none pays the first call's setup (nor FLUID its one-time forward-cost probe, nor a compiled decoder its
+compilation). The GPU is used when there is one.
 
 Reading the output: `tok/fwd` is what a method buys (1.0 for greedy decoding); `vs hf` is what it delivers in
 wall-clock time. `same` counts outputs identical to `hf` at batch size 1.
@@ -50,8 +51,12 @@ class Tally:
     wall_s: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
     def summary(self, reference: list[list[int]], ref_tokens_per_s: float) -> dict[str, Any]:
-        tokens_per_s = self.tokens / self.wall_s if self.wall_s else 0.0
+        tokens_per_s = self.tokens_per_s
         return {
             "tokens": self.tokens,
             "forwards": self.forwards,
@@ -79,7 +84,7 @@ class ForwardCounter:
         self.handle.remove()
 
 
-def _timed(device: torch.device, fn: Any) -> tuple[Any, float]:
+def timed(device: torch.device, fn: Any) -> tuple[Any, float]:
     """`fn()` and its wall time, with the GPU's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,7 +164,7 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
                     # Warm-up at full length: FLUID's cost probe, and with --compile every step shape compiled
                     runners(name, encoded[:batch_size], batch_size, max_new)
                     before = counter.calls
-                    outputs, wall = _timed(device, lambda: runners(name, encoded, batch_size, max_new))
+                    outputs, wall = timed(device, lambda: runners(name, encoded, batch_size, max_new))
                     tallies[name, batch_size] = Tally(sum(map(len, outputs)), counter.calls - before, wall, outputs)
             reference = tallies.get(("hf", 1)) or Tally(outputs=runners("hf", encoded, 1, max_new))
     finally:
@@ -178,7 +183,7 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
                      "prompt_lookup_num_tokens": lookup_tokens, "draft_model": draft_model},
         "runs": [
             {"decoder": name, "batch_size": b,
-             **t.summary(reference.outputs, _rate(tallies.get(("hf", b)) or reference))}
+             **t.summary(reference.outputs, (tallies.get(("hf", b)) or reference).tokens_per_s)}
             for (name, b), t in tallies.items()
         ],
     }
@@ -191,10 +196,6 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
     if output is not None:
         console.print(f"report: {output}")
     return report
-
-
-def _rate(t: Tally) -> float:
-    return t.tokens / t.wall_s if t.wall_s else 0.0
 
 
 def report_table(report: dict[str, Any]) -> Table:

@@ -12,6 +12,7 @@ import torch
 from tiny import ARCHITECTURES, sharpen, tiny_fluid_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fluid_cli.bench import ForwardCounter
 from fluid_cli.decode import Decoder, DecodeSettings, Request, ar_decode, decode_batch, fluid_decode
 from fluid_cli.errors import FluidError
 from fluid_cli.khead import KHeadMeta
@@ -52,17 +53,6 @@ def hf_greedy(model: FluidModel, prompt: list[int], n: int, eos: int | None = No
 def random_prompts(seed: int, count: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(8, 100) for _ in range(rng.randrange(1, 20))] for _ in range(count)]
-
-
-class ForwardCounter:
-    """Counts calls of the decoder stack: every model forward, whoever runs it."""
-
-    def __init__(self, model: FluidModel):
-        self.calls = 0
-        self.handle = model.lm.get_decoder().register_forward_hook(self._hook)
-
-    def _hook(self, *_):
-        self.calls += 1
 
 
 def cuts(result) -> int:
