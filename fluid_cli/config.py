@@ -324,7 +324,7 @@ def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as TOML (None values are left out: TOML has no null)."""
-    return tomli_w.dumps(_strip_none(_asdict(recipe)))
+    return tomli_w.dumps(without_nulls(_asdict(recipe)))
 
 
 def _asdict(obj: Any) -> Any:
@@ -341,11 +341,17 @@ def _asdict(obj: Any) -> Any:
     return obj
 
 
-def _strip_none(obj: Any) -> Any:
+def without_nulls(obj: Any) -> Any:
+    """`obj` with every None-valued key of its dicts (at any depth) left out: TOML has no null, and a JSON row read
+    through Arrow has every key of its file.
+
+    >>> without_nulls({"a": 1, "b": None, "c": [{"d": None, "e": 2}]})
+    {'a': 1, 'c': [{'e': 2}]}
+    """
     if isinstance(obj, dict):
-        return {k: _strip_none(v) for k, v in obj.items() if v is not None}
+        return {k: without_nulls(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, list):
-        return [_strip_none(v) for v in obj]
+        return [without_nulls(v) for v in obj]
     return obj
 
 

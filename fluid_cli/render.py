@@ -34,7 +34,7 @@ from typing import Any
 
 import jinja2
 
-from fluid_cli.config import DataConfig, DataSource
+from fluid_cli.config import DataConfig, DataSource, without_nulls
 from fluid_cli.errors import FluidError
 from fluid_cli.layout import IGNORE
 from fluid_cli.synthetic import arithmetic_rows
@@ -313,15 +313,7 @@ def batch_rows(batch: dict[str, list], layout: str) -> list[dict]:
     if layout == "json-text":
         return [json.loads(text) for text in batch[TEXT_COLUMN]]
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    return rows if layout == "columns" else [_without_nulls(row) for row in rows]
-
-
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
+    return rows if layout == "columns" else [without_nulls(row) for row in rows]
 
 
 # The columns `encode_batch` writes. `error` is the row's problem without its location (the source knows where
