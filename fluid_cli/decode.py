@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +59,7 @@ from typing import Any
 
 import torch
 
+from fluid_cli.acceptance import GREEDY, Sampling, accepted_length, choose, draft, sample, warp
 from fluid_cli.cache import RowCache
 from fluid_cli.compat import cache_kwarg
 from fluid_cli.config import HORIZONS
@@ -99,6 +101,7 @@ class DecodeSettings:
     stop: StopCallback | None = None
     compile: bool = False  # fixed-shape forwards through torch.compile (CUDA graphs on a GPU)
     costs: CostTable | None = None  # the cost policy's forward costs (None: measured once, cached on disk)
+    sampling: Sampling = GREEDY  # every request's, unless its own `Request.sampling` says otherwise
 
 
 @dataclass
@@ -117,6 +120,7 @@ class DecodeStats:
     tau_source: str = ""  # flag (the caller's), calibration (the K-head's), default, or none (not used)
     threshold: float = 0.0
     exact_to: str = ""  # with verification: base (the original model's greedy decoding) or adapted (these weights')
+    sampling: dict[str, Any] | None = None  # None: greedy; else temperature, top_p, top_k and the seed that ran
 
     @property
     def tokens_per_forward(self) -> float:
@@ -181,6 +185,7 @@ class Request:
     prompt: list[int]
     max_new_tokens: int | None = None
     stop: StopCallback | None = None
+    sampling: Sampling | None = None
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -270,7 +275,24 @@ def resolve_plan(model: FluidModel, s: DecodeSettings) -> Plan:
             tau, source = head.tau, "calibration"
     if policy == "entropy" and s.tau is None:
         tau, source = DEFAULT_ENTROPY_TAU, "default"
-    return Plan(policy, tau, source, threshold, max_k, s.min_k, head.objective)
+    plan = Plan(policy, tau, source, threshold, max_k, s.min_k, head.objective)
+    check_sampling(plan, s.verify, s.sampling)
+    return plan
+
+
+def check_sampling(plan: Plan, verify: bool, sampling: Sampling) -> None:
+    """Sampling is exact only with verification, and with every draft slot taken from the first draft: an early
+    fill (`threshold` > 0) decides the block from the drafted values, which biases what is committed."""
+    sampling.check()
+    if sampling.greedy:
+        return
+    if not verify:
+        raise FluidError(f"temperature = {sampling.temperature:g}: sampling needs verification (without it drafts are "
+                         "committed unchecked and do not follow the model's distribution); drop --no-verify")
+    if plan.threshold > 0:
+        raise FluidError(f"threshold = {plan.threshold:g}: with sampling (temperature = {sampling.temperature:g}) "
+                         "every draft slot comes from the first draft (threshold 0); an early fill would depend on "
+                         "the drafted values and bias the output")
 
 
 def generation_budget(model: FluidModel, prompt_ids: list[int], max_new_tokens: int) -> tuple[int, str]:
@@ -350,6 +372,15 @@ class _Feed:
     start: int
     verify: bool  # the main rows are a block under verification: every one needs its greedy choice
     head: bool  # the K-head reads the last main row's hidden state
+    sampler: _Sampler | None = None  # a sampled row: its settings and random stream
+    checks: list[int] = field(default_factory=list)  # sampled verification: the drafts main rows 0.. verify
+    q: torch.Tensor | None = None  # ... and the distributions they were drawn from, `[len(checks), V]`
+
+
+@dataclass
+class _Sampler:
+    sampling: Sampling
+    generator: torch.Generator  # on the host: the same seed draws the same numbers on any device
 
 
 @dataclass
@@ -362,6 +393,7 @@ class _Out:
     draft_entropy: list[float]
     main_entropy: float
     head: list[float]
+    draft_q: torch.Tensor | None = None  # sampled rows: the warped distributions the drafts were drawn from
 
 
 class _Row:
@@ -375,6 +407,13 @@ class _Row:
         self.stats = DecodeStats(policy=self.plan.policy, tau=self.plan.tau, tau_source=self.plan.tau_source,
                                  threshold=self.plan.threshold, exact_to=decoder.model.meta.exact_to)
         self.on_block = on_block
+        sampling = request.sampling if request.sampling is not None else s.sampling
+        self.sampler: _Sampler | None = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+            self.sampler = _Sampler(sampling, torch.Generator().manual_seed(seed))
+            self.stats.sampling = {**sampling.to_dict(), "seed": seed}
+        self.q: torch.Tensor | None = None  # sampled: the draft distributions of the block's slots 1..
         self.mask = decoder.model.mask_token_id
         self.length = 0  # cached tokens: positions 0..length-1 of this row's cache
         self.pending = list(request.prompt)  # committed, not cached yet
@@ -413,7 +452,9 @@ class _Row:
             self.masks = self.cost.masks(cap) if self.cost is not None else max(cap - 1, 0)
             self.masks = max(self.masks, min(self.plan.min_k, cap) - 1)
         head = self.plan.policy == "khead" and not self.final
-        return _Feed(main, [self.mask] * self.masks, self.length, bool(self.block), head)
+        checks = self.block[1:] if self.sampler is not None else []
+        return _Feed(main, [self.mask] * self.masks, self.length, bool(self.block), head, self.sampler, checks,
+                     self.q[: len(checks)] if checks else None)
 
     # -- what the forward said --------------------------------------------------------------------------------
     def absorb(self, out: _Out) -> None:
@@ -433,14 +474,15 @@ class _Row:
             self.pending = []
         self._start_block(out)
 
-    def _verify(self, greedy: list[int]) -> bool:
-        """Check the block against the greedy choices; True if it was accepted whole and decoding goes on."""
+    def _verify(self, choices: list[int]) -> bool:
+        """Check the block against its rows' choices (greedy, or sampled: `fluid_cli.acceptance`); True if it was
+        accepted whole and decoding goes on."""
         block = self.block
-        n_ok = 1 + next((j for j, g in enumerate(greedy[: len(block) - 1]) if block[j + 1] != g), len(block) - 1)
+        n_ok = accepted_length(block, choices)
         self.block = []
         if n_ok < len(block):  # cut: keep the accepted tokens' KV, commit the correction uncached
             self.length += n_ok
-            correction = greedy[n_ok - 1]
+            correction = choices[n_ok - 1]
             self._commit(block[:n_ok] + [correction], n_ok)
             self.pending, self.final = [correction], False
             return False
@@ -453,6 +495,7 @@ class _Row:
         cap = min(self.plan.max_k, self.out.remaining, self.masks + 1)
         k = self._horizon(out, cap)
         self.k = k
+        self.q = out.draft_q
         if self.cost is not None and cap > 1:
             self.previews.append((len(self.out.ids), out.draft_ids[: cap - 1], out.draft_conf[: cap - 1]))
         slots: list[int | None] = [p0] + [None] * (k - 1)
@@ -570,7 +613,8 @@ class Decoder:
         self.probe_forwards = 0
         self.cache_key = cache_kwarg(model.lm.get_decoder())
         self.device = model.device
-        self.suppress_main = model.meta.lora_scope == "draft"  # the base model never emits the mask token
+        # a draft-only model's main rows are the base model's: an added mask token is not in its vocabulary
+        self.suppress_main = model.meta.lora_scope == "draft" and not model.mask_in_base
         self.width = 2 * self.plan.max_k - 1  # the widest decode feed: a block of K and K - 1 masks
         self._compiled: Any = None
         self._cache: RowCache | None = None  # the cache of the forward being run
@@ -586,6 +630,9 @@ class Decoder:
         """Decode `requests`, `batch_size` at a time; `on_block(i, tokens)` streams request `i`'s committed blocks,
         `on_done(i, result)` reports it finished. Results come back in the order of `requests`."""
         reqs = [r if isinstance(r, Request) else Request(list(r)) for r in requests]
+        for r in reqs:
+            if r.sampling is not None:
+                check_sampling(self.plan, self.settings.verify, r.sampling)
         budgets = [generation_budget(self.model, r.prompt,
                                      self.settings.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens)
                    for r in reqs]
@@ -733,10 +780,12 @@ class Decoder:
         if n_draft or want_entropy:
             logp = torch.log_softmax(logits, dim=-1)
             top, ids = logp.max(-1)
-            parts = [ids.double(), top.exp().double()]
+            conf = top.exp()
         else:  # plain steps and verification need the greedy choices only
             ids = logits.argmax(-1)
-            parts = [ids.double(), torch.zeros_like(ids, dtype=torch.float64)]
+            conf = torch.zeros_like(ids, dtype=torch.float32)
+        draft_q = self._sample(logits, ids, conf, feeds, spans)
+        parts = [ids.double(), conf.double()]
         if want_entropy:
             parts.append(-(logp.exp() * logp).sum(-1).double())
         if head_b:
@@ -762,8 +811,60 @@ class Decoder:
                 head = head_vals[h * k: (h + 1) * k]
                 h += 1
             outs.append(_Out(main, [int(x) for x in out_ids[draft]], out_conf[draft], entropy[draft],
-                             entropy[start + n_main - 1] if n_main else 0.0, head))
+                             entropy[start + n_main - 1] if n_main else 0.0, head, draft_q.get(b)))
         return outs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, ids: torch.Tensor, conf: torch.Tensor, feeds: list[_Feed | None],
+                spans: list[tuple[int, int, int] | None]) -> dict[int, torch.Tensor]:
+        """The sampled rows' share of `_outputs`, written over their greedy `ids` (and their drafts' `conf`, the top
+        probability of the warped `q`) in place: a verifying row's choice (`acceptance.choose`), a fresh sample of
+        the last main row (the next slot 0), drafts drawn from the mask rows. Returns each sampled row's draft
+        distributions, kept for the forward that verifies them. Each row draws its uniforms from its own generator,
+        as many as its own feed needs, in a fixed order: so its draws do not depend on the rest of the batch."""
+        rows: list[int] = []  # `logits` rows to warp, and each one's temperature, top-k, top-p
+        params: list[tuple[float, int, float]] = []
+        checks, check_q, fresh, drafts = [], [], [], []  # positions in `rows`
+        u_accept, u_residual, u_fresh, u_draft = [], [], [], []
+        spans_q: dict[int, tuple[int, int]] = {}
+        for b, (f, span) in enumerate(zip(feeds, spans)):
+            if span is None or f.sampler is None:
+                continue
+            start, n_main, d = span
+            n_check, s = len(f.checks), f.sampler.sampling
+            at = len(rows)
+            rows += range(start, start + n_main + d)
+            params += [(s.temperature, s.top_k, s.top_p)] * (n_main + d)
+            checks += range(at, at + n_check)
+            fresh += range(at + n_check, at + n_main)
+            drafts += range(at + n_main, at + n_main + d)
+            if n_check:
+                check_q.append(f.q)
+            spans_q[b] = (len(drafts) - d, d)  # where its rows sit among all drafted rows
+            u = torch.rand(2 * n_check + n_main - n_check + d, generator=f.sampler.generator, dtype=torch.float64)
+            u_accept.append(u[:n_check])
+            u_residual.append(u[n_check: 2 * n_check])
+            u_fresh.append(u[2 * n_check: n_check + n_main])
+            u_draft.append(u[n_check + n_main:])
+        if not rows:
+            return {}
+        device = logits.device
+        at = torch.tensor(rows, device=device)
+        temperature, top_k, top_p = (torch.tensor(c, device=device) for c in zip(*params))
+        probs = warp(logits[at], temperature, top_k, top_p)
+        chosen = torch.empty(len(rows), dtype=ids.dtype, device=device)
+        flat_checks = [t for f in feeds if f is not None and f.sampler is not None for t in f.checks]
+        if checks:
+            chosen[checks] = choose(probs[checks], torch.cat(check_q), torch.tensor(flat_checks, device=device),
+                                    torch.cat(u_accept), torch.cat(u_residual))
+        if fresh:
+            chosen[fresh] = sample(probs[fresh], torch.cat(u_fresh))
+        q = None
+        if drafts:
+            chosen[drafts], q = draft(probs[drafts], torch.cat(u_draft))
+            conf[at[drafts]] = q.max(-1).values.to(conf.dtype)
+        ids[at] = chosen
+        return {b: q[i: i + d] for b, (i, d) in spans_q.items() if d}
 
     # -- forward costs ----------------------------------------------------------------------------------------------
     def _probe_costs(self, prompt: list[int], batch: BatchStats) -> CostTable:

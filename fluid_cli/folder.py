@@ -203,6 +203,7 @@ def load_model(
     tokenizer = load_tokenizer(str(folder), trust_remote_code=meta.trust_remote_code, remedy=REMEDY)
     common: dict[str, Any] = {"dtype": dtype, "trust_remote_code": meta.trust_remote_code,
                               "attn_implementation": attn_implementation}
+    mask_in_base = False  # full weights: no base model to keep a logit for
     if meta.weights == "full":
         backbone = load_causal_lm(str(folder), **common, remedy=REMEDY)
     else:
@@ -211,6 +212,7 @@ def load_model(
         except FluidError as e:
             raise FluidError(f"{e} — the base model path comes from {folder / META_NAME} (base_model); if the base "
                              "moved, edit that field") from None
+        mask_in_base = meta.mask_token_id < embedding_rows(base)
         if embedding_rows(base) < meta.vocab_size:  # the added rows' values come from the adapter just below
             base.resize_token_embeddings(meta.vocab_size, mean_resizing=False)
         backbone = load_lora(base, folder)
@@ -222,6 +224,7 @@ def load_model(
                          f"{meta.vocab_size}; the folder does not match its base model ({REMEDY})")
     khead = _read_khead(folder, hidden_size_of(backbone.config), meta.max_k)
     model = FluidModel(backbone, khead.to(dtype=dtype), meta, tokenizer).to(device).eval()
+    model.mask_in_base = mask_in_base
     if merge and model.gate is not None:
         model.gate.freeze_for_decoding()
     return model

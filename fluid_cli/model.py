@@ -73,6 +73,10 @@ class FluidModel(nn.Module):
         self.tokenizer = tokenizer
         gated = meta.lora_scope == "draft" and hasattr(backbone, "peft_config")
         self.gate = DraftGate().install(backbone) if gated else None
+        # The mask is one of the base model's own tokens (a reserved one), not added for FLUID: a draft-only model's
+        # main rows then keep the base's logit for it, else its distribution would not be the base model's.
+        # Set by the loader, which sees the base's vocabulary before any resize.
+        self.mask_in_base = False
 
     @classmethod
     def from_plain(cls, lm: PreTrainedModel, tokenizer: Any, *, mask_token: str | None = None,
