@@ -2,7 +2,8 @@
 
 Decoders (each on every prompt, at every `--batch-size`):
 - `hf`: transformers' `generate(do_sample=False)`, the reference everything is compared with (left-padded
-  batches); `hf-static`: the same with a static cache (transformers compiles it on a GPU);
+  batches); `hf-static`: the same with a static cache (transformers compiles it on a GPU); with `--temperature`
+  every HF decoder samples (`do_sample=True` with the same temperature, top-k and top-p, torch seeded with `--seed`);
 - `prompt-lookup`: transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`), which needs no training
   (batch 1 only, as in transformers); `assisted`: assisted generation with `--draft-model` (batch 1 only);
 - `ar`: this package's greedy loop, one token per forward (it separates the method's gain from loop overheads);
@@ -31,10 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fluid_cli.config import Recipe
-from fluid_cli.decode import Decoder, DecodeSettings, Request, ar_settings, generation_budget
+from fluid_cli.decode import Decoder, DecodeSettings, ar_settings, generation_budget
 from fluid_cli.errors import FluidError
 from fluid_cli.hf import generate_batch, load_causal_lm
-from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
+from fluid_cli.inference import decode_settings, generate_config, load_decoding_model, requests
 from fluid_cli.io import check_output_file, write_json_atomic
 from fluid_cli.model import FluidModel
 from fluid_cli.prompts import Prompt, encode_prompt
@@ -55,7 +56,9 @@ class Tally:
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
-    def summary(self, reference: list[list[int]], ref_tokens_per_s: float) -> dict[str, Any]:
+    def summary(self, reference: list[list[int]] | None, ref_tokens_per_s: float) -> dict[str, Any]:
+        """`reference`: HF greedy outputs at batch size 1 (None when sampling: samples are compared in
+        distribution, not token by token)."""
         tokens_per_s = self.tokens_per_s
         return {
             "tokens": self.tokens,
@@ -65,7 +68,7 @@ class Tally:
             "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0,
             "forwards_per_token": self.forwards / self.tokens if self.tokens else 0.0,
             "speedup_vs_hf": tokens_per_s / ref_tokens_per_s if ref_tokens_per_s else 0.0,
-            "same_as_hf": sum(a == b for a, b in zip(self.outputs, reference)),
+            "same_as_hf": None if reference is None else sum(a == b for a, b in zip(self.outputs, reference)),
         }
 
 
@@ -102,11 +105,14 @@ class _Runners:
         self.model, self.settings = model, settings
         self.eos, self.pad = settings.eos_token_ids, model.tokenizer.pad_token_id
         # A draft-only model's base never emits its (added) mask token; HF must not either, to be the base model.
-        self.suppress = (model.mask_token_id,) if model.meta.lora_scope == "draft" else ()
+        self.suppress = (model.mask_token_id,) if model.meta.lora_scope == "draft" and not model.mask_in_base else ()
         self.lookup_tokens, self.draft = lookup_tokens, draft
         self.decoders: dict[int, tuple[Decoder, Decoder]] = {}
 
     def hf(self, prompts: list[list[int]], max_new: int, **kwargs: Any) -> list[list[int]]:
+        s = self.settings.sampling
+        if not s.greedy:
+            kwargs |= {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
         return generate_batch(self.model.lm, prompts, max_new, self.eos, self.pad, self.suppress, **kwargs)
 
     def __call__(self, name: str, prompts: list[list[int]], batch_size: int, max_new: int) -> list[list[int]]:
@@ -115,7 +121,8 @@ class _Runners:
                 self.decoders[batch_size] = (Decoder(self.model, ar_settings(self.settings), batch_size=batch_size),
                                              Decoder(self.model, self.settings, batch_size=batch_size))
             ar, fluid = self.decoders[batch_size]
-            results, _ = (ar if name == "ar" else fluid).run([Request(p, max_new_tokens=max_new) for p in prompts])
+            reqs = [replace(r, max_new_tokens=max_new) for r in requests(prompts, self.settings.sampling)]
+            results, _ = (ar if name == "ar" else fluid).run(reqs)
             return [r.tokens for r in results]
         extra: dict[str, Any] = {}
         if name == "hf-static":
@@ -125,6 +132,8 @@ class _Runners:
         elif name == "assisted":
             extra["assistant_model"] = self.draft
         outputs = []
+        if self.settings.sampling.seed is not None:
+            torch.manual_seed(self.settings.sampling.seed)
         for s in range(0, len(prompts), batch_size):
             outputs += self.hf(prompts[s: s + batch_size], max_new, **extra)
         return outputs
@@ -166,7 +175,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
                     before = counter.calls
                     outputs, wall = timed(device, lambda: runners(name, encoded, batch_size, max_new))
                     tallies[name, batch_size] = Tally(sum(map(len, outputs)), counter.calls - before, wall, outputs)
-            reference = tallies.get(("hf", 1)) or Tally(outputs=runners("hf", encoded, 1, max_new))
+            reference = None if not settings.sampling.greedy else \
+                tallies.get(("hf", 1)) or Tally(outputs=runners("hf", encoded, 1, max_new))
     finally:
         counter.close()
     report = {
@@ -180,10 +190,12 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, ove
         "settings": {"horizon": settings.horizon, "tau": settings.tau, "threshold": settings.threshold,
                      "max_k": settings.max_k, "min_k": settings.min_k, "verify": settings.verify,
                      "compile": settings.compile, "chat_template": cfg.chat_template,
+                     "sampling": None if settings.sampling.greedy else settings.sampling.to_dict(),
                      "prompt_lookup_num_tokens": lookup_tokens, "draft_model": draft_model},
         "runs": [
             {"decoder": name, "batch_size": b,
-             **t.summary(reference.outputs, (tallies.get(("hf", b)) or reference).tokens_per_s)}
+             **t.summary(reference and reference.outputs,
+                         (tallies.get(("hf", b)) or reference or Tally()).tokens_per_s)}
             for (name, b), t in tallies.items()
         ],
     }
@@ -206,7 +218,7 @@ def report_table(report: dict[str, Any]) -> Table:
     for r in report["runs"]:
         table.add_row(r["decoder"], str(r["batch_size"]), str(r["tokens"]), str(r["forwards"]), f"{r['wall_s']:.2f}",
                       f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}", f"{r['speedup_vs_hf']:.2f}x",
-                      f"{r['same_as_hf']}/{report['prompts']}")
+                      "n/a" if r["same_as_hf"] is None else f"{r['same_as_hf']}/{report['prompts']}")
     table.caption = ("vs hf: tokens/s over HF generate's at the same batch size; same: outputs identical to HF "
                      "generate's at batch size 1")
     return table

@@ -204,6 +204,14 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Requests decoded (and log-likelihoods "
                                                       "scored) together (default 8).", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="Fixed-shape decode steps through torch.compile.")] = False,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sample every generation task at "
+                                                         "this temperature (default: each task's own generation "
+                                                         "settings; greedy where it has none).",
+                                                         show_default=False)] = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed: request i samples with seed + i "
+                                                "(default 1234).", show_default=False)] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe (\\[eval], \\[generate]).",
                                                    show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in the output "
@@ -223,6 +231,8 @@ def eval_(
             "--allow-code-execution": ("eval.allow_code_execution", allow_code_execution or None),
             "--tau": ("generate.tau", tau), "--threshold": ("generate.threshold", threshold),
             "--batch-size": ("eval.batch_size", batch_size), "--compile": ("generate.compile", compile_ or None),
+            "--temperature": ("generate.temperature", temperature), "--top-p": ("generate.top_p", top_p),
+            "--top-k": ("generate.top_k", top_k), "--seed": ("generate.seed", seed),
         })
         evaluate.run(cfg, overwrite=overwrite)
 
@@ -266,6 +276,16 @@ MaxKOpt = Annotated[Optional[int], typer.Option("--max-k", help="Largest block (
 MinKOpt = Annotated[Optional[int], typer.Option("--min-k", help="Smallest block (default 1).", show_default=False)]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Commit drafts unverified (faster, not exactly "
                                            "greedy).")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="Sample at this temperature (default 0: "
+                                                       "greedy). Exact: verified drafts are accepted by speculative "
+                                                       "sampling, so every token follows the model's own "
+                                                       "distribution.", show_default=False)]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the most likely tokens whose mass "
+                                                  "reaches this (default 1: all).", show_default=False)]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the K most likely tokens (default 0: "
+                                                "all).", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed: prompt i samples with seed + i "
+                                                "(default: a fresh seed, reported in --json).", show_default=False)]
 MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate at most (default "
                                                   "256).", show_default=False)]
 MaskTokenOpt = Annotated[Optional[str], typer.Option("--mask-token", help="Draft token for a plain model (default: "
@@ -291,6 +311,10 @@ def generate(
     mask_token: MaskTokenOpt = None,
     batch_size: BatchSizeOpt = None,
     compile_: CompileOpt = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    seed: SeedOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of streaming.")] = False,
     compare_ar: Annotated[bool, typer.Option("--compare-ar", help="Also decode greedily on the same weights (one token "
                                              "per forward); report the speed-up and whether the outputs match.")] = False,
@@ -309,7 +333,8 @@ def generate(
         cfg = _recipe_with_flags(recipe, set_, _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, stop=stop or None,
-            mask_token=mask_token, batch_size=batch_size, compile=compile_ or None))
+            mask_token=mask_token, batch_size=batch_size, compile=compile_ or None, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed))
         gen.run(cfg, read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar,
                 compare_base=compare_base)
 
@@ -337,6 +362,10 @@ def bench_decode(
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Batch sizes to measure, e.g. 1,4,8 "
                                                       "(default 1).", show_default=False)] = None,
     compile_: CompileOpt = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    seed: SeedOpt = None,
     decoders: Annotated[Optional[str], typer.Option("--decoders", help="Comma-separated, from hf, hf-static, "
                                                     "prompt-lookup, assisted, ar, fluid (default: hf, prompt-lookup, "
                                                     "ar, fluid; assisted too with --draft-model).",
@@ -364,7 +393,7 @@ def bench_decode(
         flags = _generate_flags(
             model_dir=model, chat_template=chat_template, horizon=horizon, tau=tau, threshold=threshold, max_k=max_k,
             min_k=min_k, verify=False if no_verify else None, max_new_tokens=max_new_tokens, mask_token=mask_token,
-            compile=compile_ or None)
+            compile=compile_ or None, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         flags |= {"--prompt-file": ("bench.prompt_file", prompt_file), "--limit": ("bench.limit", limit),
                   "--draft-model": ("bench.draft_model", draft_model),
                   "--lookup-tokens": ("bench.lookup_tokens", lookup_tokens), "--output": ("bench.output", output),

@@ -219,6 +219,12 @@ class GenerateConfig:
     compile: bool = False  # fixed-shape decode steps through torch.compile (CUDA graphs on a GPU)
     chat_template: bool = True  # ignored (with a notice) when the tokenizer has none
     stop: list[str] = field(default_factory=list)  # stop strings, kept in the output as HF generate does
+    # Sampling (verified drafts accepted by speculative sampling: every token follows the model's own warped
+    # distribution). None or 0: greedy decoding; `fluid eval` then follows each task's own generation settings.
+    temperature: float | None = None
+    top_p: float = 1.0  # keep the most likely tokens whose mass reaches top_p (1: all)
+    top_k: int = 0  # keep the top_k most likely tokens (0: all)
+    seed: int | None = None  # prompt i of a run samples with seed + i (None: a fresh seed each, reported)
     mask_token: str | None = None  # plain (non-FLUID) models only; defaults to the tokenizer's unk, then pad token
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPU, float32 on CPU
@@ -637,6 +643,9 @@ RULES: dict[type, dict[str, Check]] = {
         "model_dir": _not_empty, "tau": _positive(" (a number of nats, e.g. 2.8)"),
         "threshold": _between(0, 1, hint=" (a probability; 1 = never fill a slot early)"), "max_k": K_RANGE,
         "min_k": _at_least(1), "max_new_tokens": _at_least(1), "batch_size": _at_least(1),
+        "temperature": _at_least(0, " (0 is greedy decoding)"),
+        "top_p": _between(0, 1, open_low=True, hint=" (1 keeps every token)"),
+        "top_k": _at_least(0, " (0 keeps every token)"), "seed": SEED,
     },
     EvalConfig: {
         "model_dir": _not_empty, "limit": _at_least(1, " (samples per task; leave it unset for all)"),
@@ -706,6 +715,14 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
     g = r.generate
     if g.max_k is not None and g.min_k > g.max_k:
         yield ("generate", "min_k"), f"{g.min_k} is above max_k = {g.max_k}"
+    if g.temperature and not g.verify:
+        yield (("generate", "verify"),
+               f"false with temperature = {g.temperature:g}: sampling needs verification (unverified drafts do not "
+               "follow the model's distribution)")
+    if g.temperature and g.threshold:
+        yield (("generate", "threshold"),
+               f"{g.threshold:g} with temperature = {g.temperature:g}: sampling takes every draft slot from the first "
+               "draft (threshold 0); an early fill would bias the output")
     if r.train.max_expanded_len is not None and r.train.max_expanded_len <= f.max_k:
         yield (("train", "max_expanded_len"),
                f"{r.train.max_expanded_len} leaves no room for a block of max_k = {f.max_k} after the tokens")

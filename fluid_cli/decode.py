@@ -410,7 +410,7 @@ class _Row:
         sampling = request.sampling if request.sampling is not None else s.sampling
         self.sampler: _Sampler | None = None
         if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+            seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
             self.sampler = _Sampler(sampling, torch.Generator().manual_seed(seed))
             self.stats.sampling = {**sampling.to_dict(), "seed": seed}
         self.q: torch.Tensor | None = None  # sampled: the draft distributions of the block's slots 1..
@@ -621,8 +621,8 @@ class Decoder:
         self._caches: dict[int, RowCache] = {}  # by rows
 
     # -- public ---------------------------------------------------------------------------------------------------
-    def decode(self, prompt_ids: list[int], on_block: BlockCallback | None = None) -> DecodeResult:
-        results, _ = self.run([prompt_ids], None if on_block is None else lambda _, tokens: on_block(tokens))
+    def decode(self, prompt: list[int] | Request, on_block: BlockCallback | None = None) -> DecodeResult:
+        results, _ = self.run([prompt], None if on_block is None else lambda _, tokens: on_block(tokens))
         return results[0]
 
     def run(self, requests: list[list[int] | Request], on_block: Callable[[int, list[int]], None] | None = None,

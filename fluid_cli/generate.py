@@ -25,7 +25,7 @@ from fluid_cli.config import Recipe
 from fluid_cli.decode import Decoder, DecodeResult, Request, ar_settings
 from fluid_cli.errors import FluidError
 from fluid_cli.hf import greedy_generate, load_causal_lm
-from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
+from fluid_cli.inference import decode_settings, generate_config, load_decoding_model, requests
 from fluid_cli.model import FluidModel
 from fluid_cli.prompts import Prompt, encode_prompt
 
@@ -105,22 +105,27 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
     cfg = generate_config(recipe)
     out = out or Console(soft_wrap=True)
     err = err or Console(stderr=True, soft_wrap=True)
+    if compare_base and cfg.temperature:
+        raise FluidError(f"--compare-base checks greedy output token for token; with --temperature "
+                         f"{cfg.temperature:g} the original model's samples differ by chance (sampling is exact in "
+                         "distribution, not in tokens); drop one of the two")
     model = load_decoding_model(cfg)
     base = load_base(model) if compare_base else None
     if cfg.chat_template and not getattr(model.tokenizer, "chat_template", None):
         err.print("[dim]the tokenizer has no chat template: prompts are encoded as plain text[/]")
     settings = decode_settings(cfg, model)
     encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts]
+    reqs = requests(encoded, settings.sampling)
     decoder = Decoder(model, settings, batch_size=cfg.batch_size)
     ar = Decoder(model, ar_settings(settings)) if compare_ar else None
     if ar is not None:  # a short untimed run of each first, so neither pays its setup (a cost probe) in its time
         for warm in (decoder, ar):
             warm.run([Request(encoded[0], max_new_tokens=2)])
     if cfg.batch_size == 1:
-        results = [_stream(decoder, model, ids, n, len(prompts), json_output, out, err)
-                   for n, ids in enumerate(encoded, start=1)]
+        results = [_stream(decoder, model, req, n, len(prompts), json_output, out, err)
+                   for n, req in enumerate(reqs, start=1)]
     else:
-        results, _ = decoder.run(encoded)
+        results, _ = decoder.run(reqs)
     texts = [model.tokenizer.decode(result.tokens, skip_special_tokens=True) for result in results]
     if cfg.batch_size > 1 and not json_output:
         for n, text in enumerate(texts, start=1):
@@ -128,8 +133,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
                 err.rule(f"prompt {n}")
             out.file.write(text + "\n")
     generations = []
-    for prompt, ids, result, text in zip(prompts, encoded, results, texts):
-        reference = ar.decode(ids) if ar is not None else None
+    for prompt, ids, req, result, text in zip(prompts, encoded, reqs, results, texts):
+        reference = ar.decode(req) if ar is not None else None
         base_tokens = None
         if base is not None:
             base_tokens = greedy_generate(base, ids, len(result.tokens) if result.stats.stop_reason in
@@ -142,20 +147,20 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
         out.file.write(json.dumps(payload, indent=2) + "\n")  # raw: no markup, no wrapping
     else:
         err.print(stats_table(generations, model))
-        if compare_ar and cfg.verify and any(g.ar.tokens != g.fluid.tokens for g in generations):
+        if compare_ar and cfg.verify and not cfg.temperature and any(g.ar.tokens != g.fluid.tokens for g in generations):
             err.print("[yellow]verified output differs from greedy decoding (floating-point near-ties can do "
                       "this, more often in low precision)[/]")
     return generations
 
 
-def _stream(decoder: Decoder, model: FluidModel, ids: list[int], n: int, total: int, json_output: bool,
+def _stream(decoder: Decoder, model: FluidModel, req: Request, n: int, total: int, json_output: bool,
             out: Console, err: Console) -> DecodeResult:
     if json_output:
-        return decoder.decode(ids)
+        return decoder.decode(req)
     if total > 1:
         err.rule(f"prompt {n}")
     streamer = BlockStreamer(model.tokenizer, out)
-    result = decoder.decode(ids, on_block=streamer)
+    result = decoder.decode(req, on_block=streamer)
     streamer.finish()
     return result
 
@@ -171,7 +176,7 @@ def load_base(model: FluidModel) -> Any:
 
 def settings_dict(cfg: Any) -> dict[str, Any]:
     keys = ("horizon", "tau", "threshold", "max_k", "min_k", "verify", "max_new_tokens", "batch_size", "compile",
-            "chat_template", "stop", "dtype")
+            "chat_template", "stop", "dtype", "temperature", "top_p", "top_k", "seed")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -180,7 +185,10 @@ def stats_table(results: list[Generation], model: FluidModel) -> Table:
     base = any(g.base is not None for g in results)
     first = results[0].fluid.stats
     tau = "—" if first.tau is None else f"{first.tau:g} ({first.tau_source})"
-    table = Table(title=f"FLUID decoding: horizon {first.policy}, tau {tau}, threshold {first.threshold:g}")
+    sampled = first.sampling
+    how = "greedy" if sampled is None else \
+        f"sampling: temperature {sampled['temperature']:g}, top-p {sampled['top_p']:g}, top-k {sampled['top_k']}"
+    table = Table(title=f"FLUID decoding ({how}): horizon {first.policy}, tau {tau}, threshold {first.threshold:g}")
     columns = ["#", "tokens", "forwards", "tok/fwd", "mean K", "tok/block", "tok/s", "stop"]
     if compare:
         columns += ["AR tok/s", "speed-up", "same"]
@@ -193,12 +201,13 @@ def stats_table(results: list[Generation], model: FluidModel) -> Table:
         row = [str(n), str(s.new_tokens), str(s.forwards), f"{s.tokens_per_forward:.2f}", f"{s.mean_horizon:.1f}",
                f"{s.mean_committed:.2f}", f"{s.tokens_per_s:.1f}", s.stop_reason]
         if compare:
-            row += [f"{g.ar.stats.tokens_per_s:.1f}", f"{speedup(g.fluid, g.ar):.2f}x",
-                    "[green]yes[/]" if g.ar.tokens == g.fluid.tokens else "[red]no[/]"]
+            same = "n/a" if sampled else "[green]yes[/]" if g.ar.tokens == g.fluid.tokens else "[red]no[/]"
+            row += [f"{g.ar.stats.tokens_per_s:.1f}", f"{speedup(g.fluid, g.ar):.2f}x", same]
         if base:
             row += ["[green]yes[/]" if g.base == g.fluid.tokens else "[red]no[/]"]
         table.add_row(*row)
     exact = "the original model's" if model.meta.exact_to == "base" else "these weights'"
-    table.caption = (f"verified output equals {exact} greedy decoding; tok/block: tokens committed per block; "
-                     "same: equals AR's; --json has more")
+    promise = f"verified output equals {exact} greedy decoding" if sampled is None else \
+        f"every sampled token follows {exact} distribution exactly (speculative sampling)"
+    table.caption = f"{promise}; tok/block: tokens committed per block; same: equals AR's; --json has more"
     return table

@@ -253,9 +253,10 @@ def greedy_generate(lm: PreTrainedModel, ids: list[int], max_new_tokens: int, eo
 
 def generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int,
                    eos_token_ids: tuple[int, ...] = (), pad_token_id: int | None = None, suppress: tuple[int, ...] = (),
-                   temperature: float | None = None, assistant_model: Any = None, **config: Any) -> list[list[int]]:
-    """transformers' `generate` over a left-padded batch, greedy (or, with `temperature`, sampling from the
-    model's whole distribution: no top-k, no top-p; seed torch first); each row's tokens end at its first EOS
+                   temperature: float | None = None, assistant_model: Any = None, top_k: int = 0, top_p: float = 1.0,
+                   **config: Any) -> list[list[int]]:
+    """transformers' `generate` over a left-padded batch, greedy (or, with `temperature`, sampling, by default from
+    the model's whole distribution: top-k 0, top-p 1; seed torch first); each row's tokens end at its first EOS
     (generate pads the rows that finished early). `config` adds generation settings (a static cache,
     prompt-lookup decoding); `assistant_model` runs assisted generation."""
     from transformers import GenerationConfig
@@ -263,7 +264,7 @@ def generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens
     eos = list(eos_token_ids) or None
     pad = pad_token_id if pad_token_id is not None else (eos or [0])[0]
     sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature,
-                                                                  "top_k": 0, "top_p": 1.0}
+                                                                  "top_k": top_k, "top_p": top_p}
     config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                               suppress_tokens=list(suppress) or None, **config)
     device = next(lm.parameters()).device

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fluid_cli.acceptance import GREEDY, Sampling
 from fluid_cli.config import GenerateConfig, Recipe
-from fluid_cli.decode import DecodeSettings
+from fluid_cli.decode import DecodeSettings, Request
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import load_for_inference
 from fluid_cli.hf import eos_token_ids
@@ -34,9 +35,24 @@ def load_decoding_model(cfg: GenerateConfig) -> FluidModel:
                               max_k=cfg.max_k)
 
 
+def sampling(cfg: GenerateConfig) -> Sampling:
+    """The `[generate]` sampling keys (greedy when temperature is unset or 0)."""
+    if not cfg.temperature:
+        return GREEDY
+    return Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed)
+
+
+def requests(prompts: list[list[int]], sampling: Sampling) -> list[Request]:
+    """One decoder request per prompt; with a seed, prompt `i` samples with `seed + i` (the same prompt twice gives
+    two samples, and a prompt's text does not depend on the batch it is decoded in)."""
+    if sampling.greedy or sampling.seed is None:
+        return [Request(p) for p in prompts]
+    return [Request(p, sampling=replace(sampling, seed=(sampling.seed + i) % 2**63)) for i, p in enumerate(prompts)]
+
+
 def decode_settings(cfg: GenerateConfig, model: FluidModel) -> DecodeSettings:
     return DecodeSettings(
         horizon=cfg.horizon, tau=cfg.tau, threshold=cfg.threshold, max_k=cfg.max_k, min_k=cfg.min_k,
         verify=cfg.verify, max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos_token_ids(model.tokenizer, model.lm),
-        stop=stop_strings(model.tokenizer, cfg.stop), compile=cfg.compile,
+        stop=stop_strings(model.tokenizer, cfg.stop), compile=cfg.compile, sampling=sampling(cfg),
     )

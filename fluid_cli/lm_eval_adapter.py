@@ -25,7 +25,6 @@ are passed through.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,6 +50,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fluid_cli.acceptance import GREEDY, Sampling
 from fluid_cli.config import DECODERS
 from fluid_cli.decode import DecodeSettings, Decoder, Request, ar_settings
 from fluid_cli.errors import FluidError
@@ -58,8 +58,6 @@ from fluid_cli.folder import load_for_inference
 from fluid_cli.hf import context_length
 from fluid_cli.model import FluidModel
 from fluid_cli.prompts import stop_strings
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048  # when the model's config names no context length
@@ -97,6 +95,10 @@ class FluidLM(TemplateLM):
         add_bos_token: bool = False,
         mask_token: str | None = None,  # plain models only: the existing token their drafts use
         trust_remote_code: bool = False,  # plain models only: a FLUID folder records it in fluid.json
+        temperature: float | None = None,  # sample every generation at this temperature (None: as each task says)
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 1234,  # request i of the evaluation samples with seed + i
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
@@ -117,6 +119,10 @@ class FluidLM(TemplateLM):
         self._max_length = max_length or context_length(self.model.lm.config) or DEFAULT_MAX_LENGTH
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
+        self.sampling = Sampling(float(temperature), float(top_p), int(top_k)) if temperature else None
+        if self.sampling is not None:
+            self.sampling.check()
+        self.seed, self.requests = int(seed), 0
         self.samples: list[dict[str, Any]] = []
         self.batches: list[dict[str, Any]] = []  # one record per generate_until call: the decoder and its BatchStats
         # One decoder per kind for the whole evaluation: forward costs are measured once, and acceptance statistics
@@ -124,7 +130,6 @@ class FluidLM(TemplateLM):
         self._decoders: dict[str, Decoder] = {}
         # Log-likelihoods do not depend on the decoder: `fluid eval --decoder both` reuses them across its runs.
         self._loglikelihoods: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
-        self._warned_sampling = False
 
     def decoder_for(self, name: str) -> Decoder:
         if name not in self._decoders:
@@ -229,15 +234,13 @@ class FluidLM(TemplateLM):
         for req in requests:
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            if kwargs.get("do_sample") and not self._warned_sampling:
-                log.warning("a task asks for sampling (%s); FLUID decoding is greedy", gen_kwargs)
-                self._warned_sampling = True
             until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id], False))
             max_new = int(kwargs["max_gen_toks"])
             # As lm-eval's HF model: keep the end of the context so that it and the generation fit the model.
             prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
             untils.append(until)
-            batch.append(Request(prompt, max_new_tokens=max_new, stop=stop_strings(self.tokenizer, until)))
+            batch.append(Request(prompt, max_new_tokens=max_new, stop=stop_strings(self.tokenizer, until),
+                                 sampling=self.sampling_for(gen_kwargs, kwargs)))
         with self._progress(len(requests), f"generate ({self.decoder})", disable_tqdm) as advance:
             results, stats = self.decoder_for(self.decoder).run(
                 batch, on_done=lambda _, result: advance(1, result.stats.new_tokens))
@@ -251,6 +254,21 @@ class FluidLM(TemplateLM):
                                  "output": text, "stats": result.stats.to_dict(), "batch": len(self.batches) - 1})
             self.cache_hook.add_partial("generate_until", req.args, text)
         return texts
+
+    def sampling_for(self, asked: dict[str, Any], kwargs: dict[str, Any]) -> Sampling:
+        """How one request decodes: the `temperature` given to the model if any, else what the task's generation
+        kwargs say (`do_sample` with its temperature, as HF's default 1.0 when it names none, top-p and top-k), else
+        greedy. A sampled request gets the next seed of the evaluation (`seed + i`), so a run is reproducible."""
+        sampling = self.sampling
+        if sampling is None and kwargs.get("do_sample"):
+            temperature = float(asked.get("temperature", 1.0))
+            if temperature > 0:
+                sampling = Sampling(temperature, float(kwargs.get("top_p", 1.0)), int(kwargs.get("top_k") or 0))
+                sampling.check("the task's generation kwargs")
+        if sampling is None:
+            return GREEDY
+        self.requests += 1
+        return Sampling(sampling.temperature, sampling.top_p, sampling.top_k, (self.seed + self.requests - 1) % 2**63)
 
     def warm_up(self, decoders: list[str]) -> None:
         """Decode a few tokens with each of `decoders`, so that one-time costs (allocations, kernel choices, the

@@ -103,7 +103,8 @@ def test_recipe_table_with_flags_on_top(fluid_dir, tmp_path):
     assert out["settings"] | {"stop": None} == {"horizon": "fixed", "tau": None, "threshold": 0.7, "max_k": 4,
                                                 "min_k": 1, "verify": False, "max_new_tokens": 7,
                                                 "batch_size": 1, "compile": False, "chat_template": True,
-                                                "stop": None, "dtype": "auto"}
+                                                "stop": None, "dtype": "auto", "temperature": None,
+                                                "top_p": 1.0, "top_k": 0, "seed": None}
     assert out["results"][0]["stats"]["verify_forwards"] == 0
 
 

@@ -7,6 +7,7 @@ model. The same test must reject deliberately broken samplers: that is what show
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -250,3 +251,87 @@ def test_top_k_1_sampling_is_greedy_decoding(model):
     reqs = [Request(PROMPT, sampling=Sampling(1.0, top_k=1, seed=i)) for i in range(20)]
     results, _ = decode_batch(model, reqs, settings, batch_size=8)
     assert {tuple(r.tokens) for r in results} == {tuple(greedy[0].tokens)}
+
+
+# --------------------------------------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def fluid_dir(tmp_path_factory):
+    from test_decode import sharp_model
+
+    from fluid_cli.folder import save_model
+
+    folder = tmp_path_factory.mktemp("fluid")
+    save_model(sharp_model("llama", max_k=4), folder)
+    return folder
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from fluid_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_generate_samples_reproducibly_with_a_seed(fluid_dir):
+    args = ("generate", "--model", fluid_dir, "-p", "ab", "-p", "ab", "--max-new-tokens", "24", "--horizon", "fixed",
+            "--temperature", "1.2", "--top-p", "0.95", "--seed", "7", "--json")
+    first, again = (_cli(*args) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    runs = [[r["tokens"] for r in json.loads(x.stdout)["results"]] for x in (first, again)]
+    assert runs[0] == runs[1]
+    results = json.loads(first.stdout)["results"]
+    assert [r["stats"]["sampling"]["seed"] for r in results] == [7, 8]  # prompt i samples with seed + i
+    assert runs[0][0] != runs[0][1]  # the same prompt twice: two samples
+    batched = _cli(*args, "--batch-size", "2")
+    assert [r["tokens"] for r in json.loads(batched.stdout)["results"]] == runs[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--temperature", "0.7", "--top-p", "0"], "--top-p 0"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "--top-p 1.5"),
+    (["--temperature", "0.7", "--top-k", "-1"], "--top-k -1"),
+    (["--temperature", "0.7", "--no-verify"], "sampling needs verification"),
+    (["--temperature", "0.7", "--threshold", "0.5"], "sampling takes every draft slot from the first draft"),
+])
+def test_bad_sampling_flags_are_one_line_errors(fluid_dir, flags, message):
+    result = _cli("generate", "--model", fluid_dir, "-p", "ab", *flags)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_compares_sampled_decoders(fluid_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _cli("bench", "decode", "--model", fluid_dir, "-p", "ab", "-p", "ba", "--max-new-tokens", "8",
+                  "--decoders", "hf,prompt-lookup,ar,fluid", "--temperature", "0.7", "--top-p", "0.95", "--seed", "1",
+                  "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["sampling"] == {"temperature": 0.7, "top_p": 0.95, "top_k": 0, "seed": 1}
+    assert {r["decoder"] for r in report["runs"]} == {"hf", "prompt-lookup", "ar", "fluid"}
+    assert all(r["same_as_hf"] is None and r["tokens"] > 0 for r in report["runs"])
+
+
+def test_eval_follows_the_tasks_generation_kwargs(fluid_dir):
+    """A task that asks for sampling samples (HF's temperature 1.0 when it names none), one that does not is
+    greedy, and a temperature given to the model wins over both; each sampled request has the next seed."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from fluid_cli.lm_eval_adapter import FluidLM
+
+    lm = FluidLM(str(fluid_dir), seed=10)
+    def asked(kw):
+        return lm.sampling_for(kw, normalize_gen_kwargs(kw))
+
+    assert asked({"do_sample": False, "until": ["\n"]}).greedy
+    assert asked({"do_sample": True}) == Sampling(1.0, 1.0, 0, 10)
+    assert asked({"do_sample": True, "temperature": 0.6, "top_p": 0.9}) == Sampling(0.6, 0.9, 0, 11)
+    assert asked({"temperature": 0.0}).greedy
+    flagged = FluidLM(str(fluid_dir), temperature=0.8, top_k=5, seed=3)
+    assert flagged.sampling_for({"do_sample": False}, normalize_gen_kwargs({"do_sample": False})) == \
+        Sampling(0.8, 1.0, 5, 3)
