@@ -86,7 +86,9 @@ class ModelConfig:
 class DataSource:
     # file, glob, save_to_disk folder, hub dataset name, "synthetic:arithmetic", or "self": prompts sampled from the
     # model itself (num_samples prefixes from BOS of prefix_tokens = [min, max] tokens), for [data.regenerate]
-    path: str
+    path: str | None = None
+    # or: a dataset registered in [data] dataset_dir's dataset_info.json (LLaMA-Factory's; fluid_cli.dataset_info)
+    dataset: str | None = None
     # None = "messages" for data, "prompt_response" (question -> prompt, answer -> response) for synthetic sources
     format: Literal["messages", "sharegpt", "alpaca", "prompt_response", "text"] | None = None
     columns: dict[str, str] = field(default_factory=dict)  # role -> column name, e.g. {prompt="question"}
@@ -132,6 +134,8 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     skip_bad_rows: bool = False
+    dataset_dir: str | None = None  # the folder of LLaMA-Factory's dataset_info.json ([[data.sources]] dataset = ...)
+    max_samples: int | None = None  # only the first N rows of each source (after num_samples), as LLaMA-Factory
     regenerate: RegenerateConfig | None = None  # self-distillation of the trained parts (see RegenerateConfig)
 
 
@@ -597,7 +601,7 @@ RULES: dict[type, dict[str, Check]] = {
     },
     ModelConfig: {"path": _not_empty, "tokenizer": _not_empty},
     DataSource: {
-        "path": _not_empty, "weight": _positive(), "prefix_temperature": _positive(),
+        "path": _not_empty, "dataset": _not_empty, "weight": _positive(), "prefix_temperature": _positive(),
         "num_samples": _between(1, MAX_SAMPLES, hint=" (rows to take; ask for fewer)"),
     },
     RegenerateConfig: {
@@ -606,6 +610,7 @@ RULES: dict[type, dict[str, Check]] = {
     },
     DataConfig: {
         "output_dir": _not_empty, "cutoff_len": _at_least(1), "seed": SEED, "num_proc": _at_least(1),
+        "dataset_dir": _not_empty, "max_samples": _at_least(1),
         "validation": _at_least(0, " (a fraction below 1, or a count of rows)"),
     },
     FluidConfig: {
@@ -690,7 +695,11 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
             yield (("model", "scratch", "num_key_value_heads"),
                    f"{scratch.num_key_value_heads} do not divide num_attention_heads = {scratch.num_attention_heads}")
     for i, src in enumerate(r.data.sources):
-        if src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
+        if (src.path is None) == (src.dataset is None):
+            yield ("data", "sources", i), "set path (a file, folder or hub dataset) or dataset (a registered name)"
+        elif src.dataset is not None and r.data.dataset_dir is None:
+            yield ("data", "sources", i, "dataset"), "needs [data] dataset_dir, the folder of dataset_info.json"
+        elif src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
             yield (("data", "sources", i, "num_samples"),
                    (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
                     "memory at most; ask for fewer"))

@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fluid_cli import regenerate
+from fluid_cli import dataset_info, regenerate
 from fluid_cli.config import DataConfig, DataSource, Recipe
 from fluid_cli.errors import FluidError
 from fluid_cli.io import (
@@ -133,6 +133,8 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
                      cfg.model.trust_remote_code)
     text = [src for src in data.sources if src.path != regenerate.SELF]  # sources with rows to read
     specs = [source_spec(src, i, data, where) for i, src in enumerate(data.sources) if src.path != regenerate.SELF]
+    text = [src if spec.registered is None else dataset_info.as_source(src, spec.registered)
+            for src, spec in zip(text, specs)]
     out = Path(data.output_dir)
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
@@ -143,7 +145,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         for src, source in zip(text, sources):
             if not len(source):
                 raise FluidError(f"{src.path}: no usable rows ({source.bad} malformed rows skipped)")
-        picked = select_rows([len(s) for s in sources], text, data.seed)
+        picked = [idx[:data.max_samples] for idx in select_rows([len(s) for s in sources], text, data.seed)]
         tokenizer = recipe_tokenizer(cfg.model, corpus=lambda: corpus(sources, picked, specs, work))
         scratch = cfg.model.scratch
         tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"
