@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from fluid_cli import llamafactory
 from fluid_cli.errors import FluidError
 from fluid_cli.io import read_text, write_text_atomic
 
@@ -50,6 +51,7 @@ EVAL_DECODERS = (*DECODERS, "both")  # `fluid eval` runs one, or both side by si
 # `fluid bench decode`: transformers' greedy generate (dynamic, static cache), prompt-lookup decoding, assisted
 # generation, this package's greedy loop, FLUID
 BENCH_DECODERS = ("hf", "hf-static", "prompt-lookup", "assisted", "ar", "fluid")
+LR_SCHEDULERS = ("cosine", "linear", "constant")  # [train] lr_scheduler, after the warmup (fluid_cli.train)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -172,6 +174,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
+    lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"  # the learning rate after the warmup: to 0, or constant
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int | None = None
@@ -301,11 +304,16 @@ class Flag:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, flags: list[Flag] | None = None) -> Recipe:
-    """Load and validate a TOML recipe file, applying `--set key.path=value` overrides, then `flags`."""
+    """Load and validate a TOML recipe file (or a LLaMA-Factory YAML config, `fluid_cli.llamafactory`), applying
+    `--set key.path=value` overrides, then `flags`."""
     path = Path(path)
     if not path.is_file():
         raise FluidError(f"{path}: recipe file not found" if not path.is_dir() else
                          f"{path}: a folder, not a recipe file")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raw, origins = llamafactory.translate(read_text(path, "recipe"), str(path))
+        # Lines of the YAML are named through `origins`; a TOML line search would find nothing in it.
+        return _typed_recipe(raw, _Where(str(path), "", origins), overrides, flags)
     return load_recipe_text(read_text(path, "recipe"), overrides, file=str(path), flags=flags)
 
 
@@ -315,7 +323,12 @@ def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FluidError(f"{file}: invalid TOML: {e}") from None
-    where = _Where(file, text)
+    return _typed_recipe(raw, _Where(file, text), overrides, flags)
+
+
+def _typed_recipe(raw: dict, where: _Where, overrides: list[str] | None, flags: list[Flag] | None) -> Recipe:
+    """The raw tables of a recipe, with `overrides` and `flags` applied, typed and validated."""
+    file = where.file
     for item in overrides or []:
         where.origins[_apply_override(raw, item)] = f"--set {item}"
     for flag in flags or []:
@@ -699,7 +712,7 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
             yield ("data", "sources", i), "set path (a file, folder or hub dataset) or dataset (a registered name)"
         elif src.dataset is not None and r.data.dataset_dir is None:
             yield ("data", "sources", i, "dataset"), "needs [data] dataset_dir, the folder of dataset_info.json"
-        elif src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
+        elif src.path is not None and src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
             yield (("data", "sources", i, "num_samples"),
                    (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
                     "memory at most; ask for fewer"))
