@@ -199,3 +199,194 @@ def test_unknown_entry_and_missing_file_are_named(tmp_path):
         source_spec(DataSource(dataset="b"), 0, data, "recipe")
     with pytest.raises(FluidError, match="dataset_info.json: a: file_name .*missing.json not found"):
         source_spec(DataSource(dataset="a"), 0, data, "recipe")
+
+
+# --------------------------------------------------------------------------------------------- YAML configs
+
+LF_CONFIG = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: q_proj,v_proj
+
+### dataset
+dataset: identity, alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_config_translates_by_the_table(tmp_path, capsys):
+    from fluid_cli.config import dump_recipe, load_recipe, load_recipe_text
+
+    cfg = load_recipe(write(tmp_path, LF_CONFIG))
+    assert (cfg.model.path, cfg.model.trust_remote_code) == ("meta-llama/Meta-Llama-3-8B-Instruct", True)
+    assert [s.dataset for s in cfg.data.sources] == ["identity", "alpaca_en_demo"]
+    assert (cfg.data.dataset_dir, cfg.data.template, cfg.data.cutoff_len, cfg.data.max_samples, cfg.data.num_proc,
+            cfg.data.output_dir, cfg.data.seed) == ("data", "auto", 2048, 1000, 16, "saves/llama3-8b/lora/sft-data", 42)
+    assert (cfg.lora.enabled, cfg.lora.scope, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+            cfg.lora.target_modules) == (True, "draft", 8, 16, 0.0, ["q_proj", "v_proj"])
+    t = cfg.train
+    assert (t.output_dir, t.lr, t.epochs, t.max_steps, t.batch_size, t.grad_accum, t.warmup_ratio, t.lr_scheduler,
+            t.save_steps, t.log_steps, t.seed, t.gradient_checkpointing) == (
+        "saves/llama3-8b/lora/sft", 1e-4, 3.0, None, 1, 8, 0.1, "cosine", 500, 10, 42, True)
+    assert cfg.launch.mixed_precision == "bf16"
+    assert (cfg.fluid.max_k, cfg.khead.tau) == (16, 2.8)  # FLUID's own settings: fluid's defaults
+    err = capsys.readouterr().err
+    assert "train.yaml:14: template 'llama3': fluid renders through the tokenizer's own chat template" in err
+    assert ("ignored (they change nothing in what fluid trains): overwrite_cache, plot_loss, report_to, "
+            "ddp_timeout") in " ".join(err.split())
+    # `fluid recipe` prints it as TOML, which loads as the same recipe.
+    again = load_recipe_text(dump_recipe(cfg), file="same.toml")
+    assert (again.source, dump_recipe(again)) == ("same.toml", dump_recipe(cfg))
+
+
+def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_path):
+    from fluid_cli.config import load_recipe
+
+    cfg = load_recipe(write(tmp_path, "model_name_or_path: m\nfinetuning_type: full\nlr_scheduler_type: constant\n"
+                                      "warmup_ratio: 0.2\ndisable_gradient_checkpointing: true\nmax_steps: 7\n"),
+                      ["train.lr=3e-4", "data.cutoff_len=64"])
+    assert (cfg.lora.enabled, cfg.train.lr, cfg.data.cutoff_len, cfg.train.batch_size, cfg.train.epochs,
+            cfg.train.max_steps, cfg.train.log_steps, cfg.train.gradient_checkpointing) == (
+        False, 3e-4, 64, 8, 3.0, 7, 500, False)
+    # transformers' constant schedule has no warmup; fp32 without bf16/fp16
+    assert (cfg.train.lr_scheduler, cfg.train.warmup_ratio, cfg.launch.mixed_precision) == ("constant", 0.0, "no")
+    assert cfg.data.sources == [] and cfg.data.output_dir == "trainer_output-data"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("stage: dpo", r"train.yaml:2: stage: 'dpo' is not supported \(fluid's Stage I is supervised fine-tuning"),
+    ("finetuning_type: freeze", r"train.yaml:2: finetuning_type: 'freeze' is not supported \(lora or full\)"),
+    ("packing: true", r"train.yaml:2: packing: True is not supported \(fluid trains one example per row\)"),
+    ("train_on_prompt: true", r"train.yaml:2: train_on_prompt: True is not supported \(fluid trains the assistant"),
+    ("mask_history: true", r"train.yaml:2: mask_history: True is not supported"),
+    ("use_dora: true", r"train.yaml:2: use_dora: True is not supported \(fluid's adapter is plain LoRA\)"),
+    ("lr_scheduler_type: polynomial", r"train.yaml:2: lr_scheduler_type: 'polynomial' is not supported"),
+    ("lora_rnak: 8", r"train.yaml:2: lora_rnak: not a LLaMA-Factory key that fluid knows"),
+    ("learning_rate: -1.0e-4", r"train.yaml:2: learning_rate: \[train\] lr: must be greater than 0, got -0.0001"),
+    ("cutoff_len: long", r"train.yaml:2: cutoff_len: \[data\] cutoff_len: expected an integer, got 'long'"),
+    ("dataset: [a, 3]", r"train.yaml:2: dataset: \[data\] sources\[1\] dataset: expected a string, got 3"),
+    ("lr_scheduler_type: [", r"train.yaml:\d: invalid YAML"),
+])
+def test_yaml_refused_and_bad_keys_are_one_line_errors_naming_the_line(tmp_path, line, message):
+    from fluid_cli.config import load_recipe
+
+    with pytest.raises(FluidError, match=message):
+        load_recipe(write(tmp_path, f"model_name_or_path: m\n{line}\nneat_packing: false\n"))  # false: fine
+
+
+def test_yaml_deepspeed_becomes_an_accelerate_deepspeed_config(tmp_path, monkeypatch):
+    import yaml
+
+    from fluid_cli.config import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "zero_optimization": {"stage": 2}}
+    write(tmp_path, json.dumps(ds), "ds_z2.json")
+    config = write(tmp_path, "model_name_or_path: m\nper_device_train_batch_size: 2\ndeepspeed: ds_z2.json\n")
+    with pytest.raises(FluidError, match=r'train.yaml:3: deepspeed: ds_z2.json has train_micro_batch_size_per_gpu = '
+                                         r'"auto"; write 2 \(per_device_train_batch_size\) there'):
+        load_recipe(config)
+    write(tmp_path, json.dumps({**ds, "train_micro_batch_size_per_gpu": 2}), "ds_z2.json")
+    cfg = load_recipe(config)
+    assert cfg.launch.accelerate_config == str(tmp_path / "train.accelerate.yaml")
+    accelerate = yaml.safe_load(Path(cfg.launch.accelerate_config).read_text())
+    assert accelerate["distributed_type"] == "DEEPSPEED"
+    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "ds_z2.json")
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_yaml_config_runs_prepare_data_and_train_stage1(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fluid_cli.cli import app
+    from fluid_cli.data import load_prepared
+    from tiny import tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    tok = tokenizer()
+    tiny_model(tokenizer=tok).save_pretrained("model")
+    tok.save_pretrained("model")
+    register(tmp_path / "data", "alpaca_demo", {"columns": ALPACA_COLUMNS}, rows=[
+        {"instruction": "Add", "input": f"{i} 1", "output": str(i + 1), "system": "", "history": []}
+        for i in range(3)])
+    register(tmp_path / "data", "tools_demo", {"formatting": "sharegpt",
+                                               "columns": {"messages": "conversations", "tools": "tools"}},
+             rows=[{**SHAREGPT_ROW, "tools": json.dumps([{"name": "add"}])}] * 2)
+    write(tmp_path, """\
+model_name_or_path: model
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 4
+lora_target: all
+dataset: alpaca_demo,tools_demo
+template: qwen
+cutoff_len: 200
+max_samples: 2
+overwrite_cache: true
+output_dir: saves/tiny/lora/sft
+logging_steps: 1
+save_steps: 100
+plot_loss: true
+per_device_train_batch_size: 2
+learning_rate: 1.0e-3
+max_steps: 4
+lr_scheduler_type: linear
+warmup_ratio: 0.25
+report_to: none
+""")
+    run = CliRunner().invoke
+    result = run(app, ["prepare-data", "train.yaml"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "saves/tiny/lora/sft-data/stats.json").read_text())
+    assert [s["rows_used"] for s in stats["sources"]] == [2, 2]  # max_samples: the first 2 rows of each
+    tok = tokenizer()
+    trained = sorted(tok.decode([t for t in labels if t != IGNORE])
+                     for labels in load_prepared("saves/tiny/lora/sft-data")["labels"])
+    assert trained == ['1<|end|>', '2<|end|>'] + ['call add{"a": 1, "b": 2}<|end|>It is 3.<|end|>'] * 2
+
+    for scheduler, lrs in [("linear", [0.0, 1e-3, 2e-3 / 3, 1e-3 / 3]), ("constant", [0.0, 1e-3, 1e-3, 1e-3])]:
+        out = f"saves/tiny/lora/{scheduler}"
+        result = run(app, ["train-stage1", "train.yaml", "--set", f"train.lr_scheduler={scheduler}",
+                           "--set", f"train.output_dir={out}", "--set", "train.dataset=saves/tiny/lora/sft-data"])
+        assert result.exit_code == 0, result.output
+        log = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["lr"] for r in log] == pytest.approx(lrs)
