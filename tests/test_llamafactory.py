@@ -201,6 +201,65 @@ def test_unknown_entry_and_missing_file_are_named(tmp_path):
         source_spec(DataSource(dataset="a"), 0, data, "recipe")
 
 
+# --------------------------------------------------------------------------------------------- prepare-data
+
+
+def prepare(tmp_path: Path, sources: str, **data: str) -> dict:
+    """`fluid prepare-data` on `sources` (TOML) with the tool-call tokenizer; returns stats.json plus the trained
+    spans of every example (decoded), sorted."""
+    from fluid_cli import data as prepare_data
+    from fluid_cli.config import load_recipe_text
+
+    tokenizer().save_pretrained(tmp_path / "tok")
+    settings = "".join(f"{k} = {v}\n" for k, v in data.items())
+    cfg = load_recipe_text(f'[model]\npath = "{tmp_path / "tok"}"\n[data]\noutput_dir = "{tmp_path / "out"}"\n'
+                           f'dataset_dir = "{tmp_path / "data"}"\n{settings}{sources}')
+    stats = prepare_data.run(cfg, overwrite=True)
+    tok = tokenizer()
+    stats["trained"] = sorted(tok.decode([t for t in labels if t != IGNORE])
+                              for labels in prepare_data.load_prepared(tmp_path / "out")["labels"])
+    return stats
+
+
+def test_a_bad_sharegpt_row_is_named_by_file_and_line_and_can_be_skipped(tmp_path):
+    register(tmp_path / "data", "chat", {"formatting": "sharegpt", "file_name": "chat.jsonl"})
+    good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    bad = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}
+    (tmp_path / "data" / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in (good, bad, good)) + "\n")
+    with pytest.raises(FluidError, match=r"chat.jsonl:2: conversations\[1\]: from = 'human' where 'gpt' or "
+                                         r"'function_call' belongs .*skip_bad_rows = true skips"):
+        prepare(tmp_path, '[[data.sources]]\ndataset = "chat"\n')
+    stats = prepare(tmp_path, '[[data.sources]]\ndataset = "chat"\n', skip_bad_rows="true")
+    assert stats["dropped"]["bad_row"] == 1 and stats["trained"] == ["b<|end|>", "b<|end|>"]
+
+
+def test_arrow_and_txt_files_and_hub_entries(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+
+    folder = tmp_path / "data" / "parts"
+    folder.mkdir(parents=True)
+    table = pa.table({"instruction": ["Hi"], "input": [""], "output": ["yo"]})
+    with pa.OSFile(str(folder / "part.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+    register(tmp_path / "data", "parts", {"file_name": "parts"})  # a folder, as LLaMA-Factory allows
+    (tmp_path / "data" / "notes.txt").write_text("one\ntwo\n")
+    asked, read_file = [], datasets.load_dataset
+
+    def load_dataset(name, *args, **kwargs):  # the hub (offline here): one row; files are read as ever
+        if name != "org/set":
+            return read_file(name, *args, **kwargs)
+        asked.append((name, *args, kwargs))
+        return datasets.Dataset.from_list([{"instruction": "Q", "output": "A"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    register(tmp_path / "data", "hub", {"hf_hub_url": "org/set", "subset": "en", "folder": "v1", "split": "dev"})
+    stats = prepare(tmp_path, '[[data.sources]]\ndataset = "parts"\n[[data.sources]]\ndataset = "hub"\n'
+                              f'[[data.sources]]\npath = "{tmp_path / "data" / "notes.txt"}"\nformat = "text"\n')
+    assert asked == [("org/set", "en", {"data_dir": "v1", "split": "dev"})]
+    assert stats["trained"] == ["A<|end|>", "one<|end|>", "two<|end|>", "yo<|end|>"]
+
+
 # --------------------------------------------------------------------------------------------- YAML configs
 
 LF_CONFIG = """\
