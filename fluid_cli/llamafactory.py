@@ -74,9 +74,15 @@ IGNORED = frozenset({
     "logging_first_step", "include_num_input_tokens_seen", "include_tokens_per_second", "disable_tqdm",
     "preprocessing_batch_size", "ddp_find_unused_parameters", "cache_dir", "flash_attn", "enable_liger_kernel",
     "use_unsloth_gc", "use_fast_tokenizer", "print_param_status", "push_to_hub", "hub_model_id", "hf_hub_token",
-    "data_shared_file_system", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
-    "compute_accuracy", "predict_with_generate", "upcast_layernorm", "dataloader_pin_memory", "ray_run_name",
+    "data_shared_file_system", "compute_accuracy", "predict_with_generate", "upcast_layernorm",
+    "dataloader_pin_memory", "media_dir", "use_reentrant_gc", "gradient_checkpointing_kwargs", "double_quantization",
 })
+# So are the settings of other stages (DPO, KTO, PPO, reward models), of options whose switch is off or refused
+# (freeze, OFT, PiSSA, LoRA+, GaLore, APOLLO, BAdam, the ASFT/EAFT losses), of media (multimodal datasets are
+# refused themselves), of Ray and of SwanLab.
+IGNORED_PREFIXES = ("pref_", "dpo_", "kto_", "simpo_", "ppo_", "ref_model", "reward_model", "ld_alpha", "freeze_",
+                    "oft_", "pissa_", "loraplus_", "galore_", "apollo_", "badam_", "asft_", "eaft_", "image_",
+                    "video_", "audio_", "ray_", "swanlab_", "eval_")
 # Keys that would change the training in ways fluid does not support -> (the values that change nothing, why).
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "packing": ((False, None), "fluid trains one example per row"),
@@ -116,6 +122,8 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_dft_loss": ((False,), "fluid trains with its own Stage I loss"),
     "use_asft_loss": ((False,), "fluid trains with its own Stage I loss"),
     "use_eaft_loss": ((False,), "fluid trains with its own Stage I loss"),
+    "fp8": ((False,), "fluid trains in bf16, fp16 or fp32"),
+    "mixture_of_depths": ((None,), "fluid keeps every layer"),
 }
 ACCELERATE_DEEPSPEED = """\
 # Written by fluid from {config}: DeepSpeed through accelerate, configured by {json}.
@@ -155,19 +163,20 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
     def get(key: str, default: Any = None) -> Any:
         return config.get(key, default) if config.get(key) is not None else default
 
-    unknown = [k for k in config if k not in KEYS and k not in SPECIAL and k not in IGNORED and k not in REFUSED]
-    if unknown:
-        raise FluidError(f"{at(unknown[0])}: {unknown[0]}: not a LLaMA-Factory key that fluid knows (see the "
-                         "README, \"Coming from LLaMA-Factory\")")
-    for key, (neutral, why) in REFUSED.items():
-        if key in config and config[key] not in neutral:
-            raise FluidError(f"{at(key)}: {key}: {config[key]!r} is not supported ({why})")
     stage, finetuning = get("stage", "sft"), get("finetuning_type", "lora")
     if stage != "sft":
         raise FluidError(f"{at('stage')}: stage: {stage!r} is not supported (fluid's Stage I is supervised "
                          "fine-tuning, stage: sft)")
     if finetuning not in ("lora", "full"):
         raise FluidError(f"{at('finetuning_type')}: finetuning_type: {finetuning!r} is not supported (lora or full)")
+    for key, (neutral, why) in REFUSED.items():
+        if key in config and config[key] not in neutral:
+            raise FluidError(f"{at(key)}: {key}: {config[key]!r} is not supported ({why})")
+    ignored = [k for k in config if k in IGNORED or k.startswith(IGNORED_PREFIXES)]
+    unknown = [k for k in config if k not in KEYS and k not in SPECIAL and k not in REFUSED and k not in ignored]
+    if unknown:
+        raise FluidError(f"{at(unknown[0])}: {unknown[0]}: not a LLaMA-Factory key that fluid knows (see the "
+                         "README, \"Coming from LLaMA-Factory\")")
     if get("do_train", True) is not True:
         raise FluidError(f"{at('do_train')}: do_train: false: nothing to train (fluid translates training configs)")
 
@@ -215,7 +224,6 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
     if get("deepspeed") is not None:
         put("launch.accelerate_config", _deepspeed(str(config["deepspeed"]), file, at("deepspeed"),
                                                    raw["train"]["batch_size"]), "deepspeed")
-    ignored = [k for k in config if k in IGNORED]
     if ignored:
         notices.print(f"{file}: ignored (they change nothing in what fluid trains): {', '.join(ignored)}")
     return raw, origins
