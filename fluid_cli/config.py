@@ -712,7 +712,7 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
             yield ("data", "sources", i), "set path (a file, folder or hub dataset) or dataset (a registered name)"
         elif src.dataset is not None and r.data.dataset_dir is None:
             yield ("data", "sources", i, "dataset"), "needs [data] dataset_dir, the folder of dataset_info.json"
-        elif src.path is not None and src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
+        elif (src.path or "").startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
             yield (("data", "sources", i, "num_samples"),
                    (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
                     "memory at most; ask for fewer"))

@@ -1,7 +1,8 @@
 """`fluid prepare-data`: instruction and chat datasets -> tokenized, prompt-masked training sets.
 
-The recipe's `[data]` table lists sources. Each is read (JSONL/JSON/Parquet/CSV file or glob, a `save_to_disk`
-folder, a hub dataset, or the built-in `synthetic:arithmetic`), mixed by sample count or weight, rendered to text
+The recipe's `[data]` table lists sources. Each is read (JSONL/JSON/Parquet/CSV/Arrow/text file or glob, a
+`save_to_disk` folder, a hub dataset, a dataset registered in LLaMA-Factory's `dataset_info.json`, or the built-in
+`synthetic:arithmetic`), mixed by sample count or weight (then cut to `max_samples` each), rendered to text
 segments that are either trained (assistant replies) or not (everything else), tokenized, cut at `cutoff_len`,
 split, and saved as a `datasets.DatasetDict` with two columns:
 

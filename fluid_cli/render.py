@@ -8,6 +8,9 @@ Formats (the roles each reads; `columns` maps a role to the row's column when th
     prompt_response  prompt, response                        GSM8K: columns = {prompt = "question", response = "answer"}
     text             text                                    every token trained; never templated
 
+A source `dataset = "NAME"` (LLaMA-Factory's registered datasets) is read as its `dataset_info.json` entry says:
+`fluid_cli.dataset_info` turns each row into the conversation (and tools) that is rendered here.
+
 Rendering: `template = "auto"` renders through the tokenizer's chat template (`template_kwargs` are passed to it,
 e.g. `{enable_thinking = false}`), and trains each assistant turn's content and its end-of-turn text. `template =
 "none"` concatenates the texts as they are (the tokenizer adds its BOS as usual) and appends the EOS token to every

@@ -1,9 +1,10 @@
 """Reading `[[data.sources]]` into Arrow datasets, and picking the rows of the mixture.
 
 Every source stays in Arrow from the first read: files go through `datasets.load_dataset("json" | "csv" |
-"parquet")`, `save_to_disk` folders through `load_from_disk` and hub names through `load_dataset(name)`, all
-memory-mapped; only the built-in synthetic source, small and seeded, is built in memory. No source is ever turned
-into a Python list: rows reach Python one `datasets` batch at a time, when they are tokenized.
+"parquet" | "arrow" | "text")` (a `.txt` file's lines are rows of one `text` column), `save_to_disk` folders
+through `load_from_disk` and hub names through `load_dataset(name)`, all memory-mapped; only the built-in
+synthetic source, small and seeded, is built in memory. No source is ever turned into a Python list: rows reach
+Python one `datasets` batch at a time, when they are tokenized.
 
 Files are read one by one (each a few milliseconds) so that a row's place, file and line, is known without storing
 it for every row; it is worked out only for the rows an error message names (`Source.locate`). A JSON file that
