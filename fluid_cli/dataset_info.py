@@ -178,18 +178,17 @@ def _turns(row: dict, e: Entry, native_tool_calls: bool) -> list[dict]:
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_tag not in turn:
             raise BadRow(f"{column}[{k}] has no {role_tag!r} key")
-    system = None
+    system, start = None, 0
     if t.get("system_tag") is not None and turns[0][role_tag] == t["system_tag"]:
-        system, turns = turns[0].get(content_tag), turns[1:]
+        system, start = turns[0].get(content_tag), 1
     elif "system" in e.columns:
         system = row.get(e.columns["system"])
     roles = {t.get(name): role for name, role in (("user_tag", "user"), ("assistant_tag", "assistant"),
                                                    ("observation_tag", "tool"), ("function_tag", "function"))
              if t.get(name) is not None}
-    offset = len(row.get(column)) - len(turns)  # turns are named by their place in the row
     messages: list[dict] = []
     slot = 0  # position in the alternation; in openai rows a run of tool turns takes one
-    for k, turn in enumerate(turns, start=offset):
+    for k, turn in enumerate(turns[start:], start=start):  # k: the turn's place in the row, for messages
         tag, content = turn[role_tag], turn.get(content_tag)
         role = roles.get(tag)
         calls = turn.get("tool_calls") if e.formatting == "openai" and role in ("assistant", "function") else None
