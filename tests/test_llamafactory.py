@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from fluid_cli.cli import app
 from fluid_cli.config import DataConfig, DataSource
 from fluid_cli.errors import FluidError
 from fluid_cli.layout import IGNORE
@@ -327,9 +329,15 @@ def test_yaml_config_translates_by_the_table(tmp_path, capsys):
     assert "train.yaml:14: template 'llama3': fluid renders through the tokenizer's own chat template" in err
     assert ("ignored (they change nothing in what fluid trains): overwrite_cache, plot_loss, report_to, "
             "ddp_timeout") in " ".join(err.split())
-    # `fluid recipe` prints it as TOML, which loads as the same recipe.
-    again = load_recipe_text(dump_recipe(cfg), file="same.toml")
-    assert (again.source, dump_recipe(again)) == ("same.toml", dump_recipe(cfg))
+    # `fluid recipe` prints it as TOML (the notices go to stderr), which loads as the same recipe.
+    result = CliRunner().invoke(app, ["recipe", str(tmp_path / "train.yaml")])
+    assert result.exit_code == 0 and "ignored" in result.stderr
+    assert dump_recipe(load_recipe_text(result.stdout)) == dump_recipe(cfg)
+    # A refused key through the command: one line, exit status 2.
+    write(tmp_path, LF_CONFIG + "packing: true\n")
+    result = CliRunner().invoke(app, ["recipe", str(tmp_path / "train.yaml")])
+    assert result.exit_code == 2 and result.stderr.strip().endswith(
+        f"train.yaml:{LF_CONFIG.count(chr(10)) + 1}: packing: True is not supported (fluid trains one example per row)")
 
 
 def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_path):
@@ -393,9 +401,6 @@ def test_yaml_deepspeed_becomes_an_accelerate_deepspeed_config(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_yaml_config_runs_prepare_data_and_train_stage1(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from fluid_cli.cli import app
     from fluid_cli.data import load_prepared
     from tiny import tiny_model
 
