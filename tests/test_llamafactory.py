@@ -262,6 +262,15 @@ def test_arrow_and_txt_files_and_hub_entries(tmp_path, monkeypatch):
     assert stats["trained"] == ["A<|end|>", "one<|end|>", "two<|end|>", "yo<|end|>"]
 
 
+def test_num_samples_of_the_entry_then_max_samples(tmp_path):
+    rows = [{"instruction": str(i), "output": str(i)} for i in range(3)]
+    register(tmp_path / "data", "a", {"num_samples": 5}, rows=rows)  # 5 of 3 rows: each once, then two again
+    stats = prepare(tmp_path, '[[data.sources]]\ndataset = "a"\n')
+    assert stats["sources"][0]["rows_used"] == 5 and sorted(set(stats["trained"])) == ["0<|end|>", "1<|end|>",
+                                                                                       "2<|end|>"]
+    assert prepare(tmp_path, '[[data.sources]]\ndataset = "a"\n', max_samples="4")["sources"][0]["rows_used"] == 4
+
+
 # --------------------------------------------------------------------------------------------- YAML configs
 
 LF_CONFIG = """\
