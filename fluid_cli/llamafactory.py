@@ -211,7 +211,7 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
     if max_steps != -1:
         put("train.max_steps", max_steps, "max_steps")
     scheduler = get("lr_scheduler_type", "linear")
-    if scheduler not in SCHEDULERS:
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise FluidError(f"{at('lr_scheduler_type')}: lr_scheduler_type: {scheduler!r} is not supported "
                          f"({', '.join(SCHEDULERS)})")
     put("train.lr_scheduler", SCHEDULERS[scheduler], "lr_scheduler_type")
@@ -240,6 +240,9 @@ def _parse(text: str, file: str) -> tuple[dict, dict[str, int]]:
                          f"({getattr(e, 'problem', None) or e})") from None
     if not isinstance(config, dict) or not isinstance(node, yaml.MappingNode):
         raise FluidError(f"{file}: expected a LLaMA-Factory config (a mapping of keys to values)")
+    named = [k for k in config if not isinstance(k, str)]
+    if named:
+        raise FluidError(f"{file}: {named[0]!r}: expected a key name (a LLaMA-Factory argument)")
     return config, {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 

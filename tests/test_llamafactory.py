@@ -376,6 +376,8 @@ def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_
     ("cutoff_len: long", r"train.yaml:2: cutoff_len: \[data\] cutoff_len: expected an integer, got 'long'"),
     ("dataset: [a, 3]", r"train.yaml:2: dataset: \[data\] sources\[1\] dataset: expected a string, got 3"),
     ("lr_scheduler_type: [", r"train.yaml:\d: invalid YAML"),
+    ("lr_scheduler_type: [cosine]", r"train.yaml:2: lr_scheduler_type: \['cosine'\] is not supported"),
+    ("3: 4", r"train.yaml: 3: expected a key name"),
 ])
 def test_yaml_refused_and_bad_keys_are_one_line_errors_naming_the_line(tmp_path, line, message):
     from fluid_cli.config import load_recipe
