@@ -10,7 +10,8 @@ shows the same table. More:
 
 - `dataset` (names, comma-separated or a list) + `dataset_dir` (default `data`): `[[data.sources]] dataset = NAME`
   for each, read from `<dataset_dir>/dataset_info.json` (`fluid_cli.dataset_info`).
-- `template`: the tokenizer's own chat template (`[data] template = "auto"`; `empty`: raw text, "none").
+- `template`: the tokenizer's own chat template (`[data] template = "auto"`; `empty`: raw text, "none"; a
+  `*_nothink` template also passes `enable_thinking = false` to it).
 - `finetuning_type`: lora (default) or full (`[lora] enabled = false`); `lora_alpha` defaults to 2 x lora_rank;
   `lora_target` `all` is "all-linear", else the comma-separated module names.
 - `lr_scheduler_type`: cosine, linear (default) or constant_with_warmup; constant is fluid's constant with no
@@ -201,6 +202,8 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
                          "through the tokenizer's own chat template ([data] template = \"auto\")"))
     if "enable_thinking" in config:
         put("data.template_kwargs", {"enable_thinking": config["enable_thinking"]}, "enable_thinking")
+    elif str(template).endswith("_nothink"):  # LLaMA-Factory's templates that switch thinking off (qwen3_nothink)
+        put("data.template_kwargs", {"enable_thinking": False}, "template")
 
     put("lora.enabled", finetuning == "lora", "finetuning_type")
     put("lora.alpha", _number(get("lora_alpha", 2 * raw["lora"]["r"]), 0), "lora_alpha")

@@ -353,7 +353,8 @@ def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_
     from fluid_cli.config import load_recipe
 
     cfg = load_recipe(write(tmp_path, "model_name_or_path: m\nfinetuning_type: full\nlr_scheduler_type: constant\n"
-                                      "warmup_ratio: 0.2\ndisable_gradient_checkpointing: true\nmax_steps: 7\n"),
+                                      "warmup_ratio: 0.2\ndisable_gradient_checkpointing: true\nmax_steps: 7\n"
+                                      "template: qwen3_nothink\n"),
                       ["train.lr=3e-4", "data.cutoff_len=64"])
     assert (cfg.lora.enabled, cfg.train.lr, cfg.data.cutoff_len, cfg.train.batch_size, cfg.train.epochs,
             cfg.train.max_steps, cfg.train.log_steps, cfg.train.gradient_checkpointing) == (
@@ -361,6 +362,7 @@ def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_
     # transformers' constant schedule has no warmup; fp32 without bf16/fp16
     assert (cfg.train.lr_scheduler, cfg.train.warmup_ratio, cfg.launch.mixed_precision) == ("constant", 0.0, "no")
     assert cfg.data.sources == [] and cfg.data.output_dir == "trainer_output-data"
+    assert (cfg.data.template, cfg.data.template_kwargs) == ("auto", {"enable_thinking": False})
 
 
 @pytest.mark.parametrize(("line", "message"), [
