@@ -30,7 +30,8 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True, soft_wrap=True)
 
-RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="TOML recipe file, or a LLaMA-Factory YAML config.",
+                                           show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable).", show_default=False),

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from fluid_cli import llamafactory
 from fluid_cli.errors import FluidError
 from fluid_cli.io import read_text, write_text_atomic
 
@@ -50,6 +51,7 @@ EVAL_DECODERS = (*DECODERS, "both")  # `fluid eval` runs one, or both side by si
 # `fluid bench decode`: transformers' greedy generate (dynamic, static cache), prompt-lookup decoding, assisted
 # generation, this package's greedy loop, FLUID
 BENCH_DECODERS = ("hf", "hf-static", "prompt-lookup", "assisted", "ar", "fluid")
+LR_SCHEDULERS = ("cosine", "linear", "constant")  # [train] lr_scheduler, after the warmup (fluid_cli.train)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -86,7 +88,9 @@ class ModelConfig:
 class DataSource:
     # file, glob, save_to_disk folder, hub dataset name, "synthetic:arithmetic", or "self": prompts sampled from the
     # model itself (num_samples prefixes from BOS of prefix_tokens = [min, max] tokens), for [data.regenerate]
-    path: str
+    path: str | None = None
+    # or: a dataset registered in [data] dataset_dir's dataset_info.json (LLaMA-Factory's; fluid_cli.dataset_info)
+    dataset: str | None = None
     # None = "messages" for data, "prompt_response" (question -> prompt, answer -> response) for synthetic sources
     format: Literal["messages", "sharegpt", "alpaca", "prompt_response", "text"] | None = None
     columns: dict[str, str] = field(default_factory=dict)  # role -> column name, e.g. {prompt="question"}
@@ -132,6 +136,8 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     skip_bad_rows: bool = False
+    dataset_dir: str | None = None  # the folder of LLaMA-Factory's dataset_info.json ([[data.sources]] dataset = ...)
+    max_samples: int | None = None  # only the first N rows of each source (after num_samples), as LLaMA-Factory
     regenerate: RegenerateConfig | None = None  # self-distillation of the trained parts (see RegenerateConfig)
 
 
@@ -168,6 +174,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
+    lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"  # the learning rate after the warmup: to 0, or constant
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int | None = None
@@ -303,11 +310,16 @@ class Flag:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, flags: list[Flag] | None = None) -> Recipe:
-    """Load and validate a TOML recipe file, applying `--set key.path=value` overrides, then `flags`."""
+    """Load and validate a TOML recipe file (or a LLaMA-Factory YAML config, `fluid_cli.llamafactory`), applying
+    `--set key.path=value` overrides, then `flags`."""
     path = Path(path)
     if not path.is_file():
         raise FluidError(f"{path}: recipe file not found" if not path.is_dir() else
                          f"{path}: a folder, not a recipe file")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raw, origins = llamafactory.translate(read_text(path, "recipe"), str(path))
+        # Lines of the YAML are named through `origins`; a TOML line search would find nothing in it.
+        return _typed_recipe(raw, _Where(str(path), "", origins), overrides, flags)
     return load_recipe_text(read_text(path, "recipe"), overrides, file=str(path), flags=flags)
 
 
@@ -317,7 +329,12 @@ def load_recipe_text(text: str, overrides: list[str] | None = None, file: str = 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FluidError(f"{file}: invalid TOML: {e}") from None
-    where = _Where(file, text)
+    return _typed_recipe(raw, _Where(file, text), overrides, flags)
+
+
+def _typed_recipe(raw: dict, where: _Where, overrides: list[str] | None, flags: list[Flag] | None) -> Recipe:
+    """The raw tables of a recipe, with `overrides` and `flags` applied, typed and validated."""
+    file = where.file
     for item in overrides or []:
         where.origins[_apply_override(raw, item)] = f"--set {item}"
     for flag in flags or []:
@@ -603,7 +620,7 @@ RULES: dict[type, dict[str, Check]] = {
     },
     ModelConfig: {"path": _not_empty, "tokenizer": _not_empty},
     DataSource: {
-        "path": _not_empty, "weight": _positive(), "prefix_temperature": _positive(),
+        "path": _not_empty, "dataset": _not_empty, "weight": _positive(), "prefix_temperature": _positive(),
         "num_samples": _between(1, MAX_SAMPLES, hint=" (rows to take; ask for fewer)"),
     },
     RegenerateConfig: {
@@ -612,6 +629,7 @@ RULES: dict[type, dict[str, Check]] = {
     },
     DataConfig: {
         "output_dir": _not_empty, "cutoff_len": _at_least(1), "seed": SEED, "num_proc": _at_least(1),
+        "dataset_dir": _not_empty, "max_samples": _at_least(1),
         "validation": _at_least(0, " (a fraction below 1, or a count of rows)"),
     },
     FluidConfig: {
@@ -699,7 +717,11 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
             yield (("model", "scratch", "num_key_value_heads"),
                    f"{scratch.num_key_value_heads} do not divide num_attention_heads = {scratch.num_attention_heads}")
     for i, src in enumerate(r.data.sources):
-        if src.path.startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
+        if (src.path is None) == (src.dataset is None):
+            yield ("data", "sources", i), "set path (a file, folder or hub dataset) or dataset (a registered name)"
+        elif src.dataset is not None and r.data.dataset_dir is None:
+            yield ("data", "sources", i, "dataset"), "needs [data] dataset_dir, the folder of dataset_info.json"
+        elif (src.path or "").startswith("synthetic:") and (src.num_samples or 0) > MAX_SYNTHETIC_SAMPLES:
             yield (("data", "sources", i, "num_samples"),
                    (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
                     "memory at most; ask for fewer"))

@@ -1,7 +1,8 @@
 """`fluid prepare-data`: instruction and chat datasets -> tokenized, prompt-masked training sets.
 
-The recipe's `[data]` table lists sources. Each is read (JSONL/JSON/Parquet/CSV file or glob, a `save_to_disk`
-folder, a hub dataset, or the built-in `synthetic:arithmetic`), mixed by sample count or weight, rendered to text
+The recipe's `[data]` table lists sources. Each is read (JSONL/JSON/Parquet/CSV/Arrow/text file or glob, a
+`save_to_disk` folder, a hub dataset, a dataset registered in LLaMA-Factory's `dataset_info.json`, or the built-in
+`synthetic:arithmetic`), mixed by sample count or weight (then cut to `max_samples` each), rendered to text
 segments that are either trained (assistant replies) or not (everything else), tokenized, cut at `cutoff_len`,
 split, and saved as a `datasets.DatasetDict` with two columns:
 
@@ -29,7 +30,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fluid_cli import regenerate
+from fluid_cli import dataset_info, regenerate
 from fluid_cli.config import DataConfig, DataSource, Recipe
 from fluid_cli.errors import FluidError
 from fluid_cli.io import (
@@ -133,6 +134,8 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
                      cfg.model.trust_remote_code)
     text = [src for src in data.sources if src.path != regenerate.SELF]  # sources with rows to read
     specs = [source_spec(src, i, data, where) for i, src in enumerate(data.sources) if src.path != regenerate.SELF]
+    text = [src if spec.registered is None else dataset_info.as_source(src, spec.registered)
+            for src, spec in zip(text, specs)]
     out = Path(data.output_dir)
     if out.exists() and not overwrite:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
@@ -143,7 +146,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         for src, source in zip(text, sources):
             if not len(source):
                 raise FluidError(f"{src.path}: no usable rows ({source.bad} malformed rows skipped)")
-        picked = select_rows([len(s) for s in sources], text, data.seed)
+        picked = [idx[:data.max_samples] for idx in select_rows([len(s) for s in sources], text, data.seed)]
         tokenizer = recipe_tokenizer(cfg.model, corpus=lambda: corpus(sources, picked, specs, work))
         scratch = cfg.model.scratch
         tokenizer_name = cfg.model.tokenizer or cfg.model.path or f"{scratch.tokenizer} (built in)"

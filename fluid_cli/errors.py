@@ -14,3 +14,7 @@ def first_line(e: BaseException) -> str:
     """The first line of a library's error message, for a one-line error (its type name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class BadRow(Exception):
+    """A data row that cannot be used; its message names the problem (the caller adds where the row is)."""

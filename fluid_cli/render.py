@@ -8,6 +8,9 @@ Formats (the roles each reads; `columns` maps a role to the row's column when th
     prompt_response  prompt, response                        GSM8K: columns = {prompt = "question", response = "answer"}
     text             text                                    every token trained; never templated
 
+A source `dataset = "NAME"` (LLaMA-Factory's registered datasets) is read as its `dataset_info.json` entry says:
+`fluid_cli.dataset_info` turns each row into the conversation (and tools) that is rendered here.
+
 Rendering: `template = "auto"` renders through the tokenizer's chat template (`template_kwargs` are passed to it,
 e.g. `{enable_thinking = false}`), and trains each assistant turn's content and its end-of-turn text. `template =
 "none"` concatenates the texts as they are (the tokenizer adds its BOS as usual) and appends the EOS token to every
@@ -34,8 +37,9 @@ from typing import Any
 
 import jinja2
 
+from fluid_cli import dataset_info
 from fluid_cli.config import DataConfig, DataSource, without_nulls
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import BadRow, FluidError
 from fluid_cli.layout import IGNORE
 from fluid_cli.synthetic import arithmetic_rows
 
@@ -61,10 +65,6 @@ RESERVED_TEMPLATE_KWARGS = {"tokenize", "add_generation_prompt", "continue_final
                             "return_assistant_tokens_mask", "conversation"}
 
 
-class BadRow(Exception):
-    """A row that cannot be used; its message names the problem (the caller adds where the row is)."""
-
-
 # --------------------------------------------------------------------------------------------- settings
 
 
@@ -78,6 +78,7 @@ class SourceSpec:
     prompt_format: str
     response_format: str
     chat: bool  # render through the tokenizer's chat template
+    registered: dataset_info.Entry | None = None  # a dataset of dataset_info.json (its format, columns and tags)
 
     def fields(self) -> set[str]:
         """The named fields of `prompt_format`/`response_format` (columns they read, or prompt/response).
@@ -103,6 +104,12 @@ def source_spec(src: DataSource, index: int, data: DataConfig, where: str) -> So
         ('prompt_response', {'prompt': 'question', 'response': 'answer'}, True)
     """
     key = f"{where}: [data] sources[{index}]"
+    if src.dataset is not None:
+        given = [k for k in ("format", "columns", "prompt_format", "response_format") if getattr(src, k)]
+        if given:
+            raise FluidError(f"{key} {given[0]}: a registered dataset is read as its dataset_info.json entry says")
+        e = dataset_info.entry(src.dataset, data, key)
+        return SourceSpec(index, e.formatting, e.columns, "", "", chat=data.template == "auto", registered=e)
     if src.prefix_tokens is not None or src.prefix_temperature is not None:
         raise FluidError(f"{key}: prefix_tokens and prefix_temperature apply to prompts sampled from the model "
                          "(path = \"self\")")
@@ -157,11 +164,19 @@ def render(row: dict, spec: SourceSpec, tokenizer: Any, template_kwargs: dict, e
 
     Chat templates write their own special tokens, so those are added only to raw (`template = "none"`) text.
     """
-    if spec.format == "text":
+    tools = None
+    if spec.registered is not None:
+        native = spec.chat and "tool_calls" in str(tokenizer.chat_template)  # the template writes tool calls
+        messages, tools = dataset_info.conversation(row, spec.registered, native)
+        if not spec.chat and (tools or messages[0]["role"] == "system"):
+            raise BadRow("raw text (template = \"none\") has no place for the row's "
+                         f"{'tools' if tools else 'system prompt'}; use the chat template (template = \"auto\")")
+    elif spec.format == "text":
         return [(_text(row, spec, "text") + eos, True)], True
-    messages = _conversation(row, spec) if spec.format in ("messages", "sharegpt") else _single_turn(row, spec)
+    else:
+        messages = _conversation(row, spec) if spec.format in ("messages", "sharegpt") else _single_turn(row, spec)
     if spec.chat:
-        return chat_segments(tokenizer, messages, template_kwargs), False
+        return chat_segments(tokenizer, messages, template_kwargs, tools), False
     return [(m["content"] + eos, True) if m["role"] == "assistant" else (m["content"], False)
             for m in messages], True
 
@@ -233,8 +248,10 @@ def _conversation(row: dict, spec: SourceSpec) -> list[dict]:
     return messages
 
 
-def chat_segments(tokenizer: Any, messages: list[dict], template_kwargs: dict) -> list[tuple[str, bool]]:
-    """Split the chat-template rendering of `messages` into untrained text and trained assistant turns.
+def chat_segments(tokenizer: Any, messages: list[dict], template_kwargs: dict, tools: list[dict] | None = None
+                  ) -> list[tuple[str, bool]]:
+    """Split the chat-template rendering of `messages` (and `tools`, if any) into untrained text and trained
+    assistant turns.
 
     Assistant turn i is trained from the end of the generation prompt for `messages[:i]` to the end of the
     rendering of `messages[:i+1]`: its content and whatever the template closes the turn with (the end-of-turn
@@ -249,7 +266,7 @@ def chat_segments(tokenizer: Any, messages: list[dict], template_kwargs: dict) -
     def rendered(upto: int, prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt,
-                                                 **template_kwargs)
+                                                 **{**template_kwargs, **({"tools": tools} if tools else {})})
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise BadRow(f"the chat template failed on this conversation ({e})") from None
 

@@ -1,9 +1,10 @@
 """Reading `[[data.sources]]` into Arrow datasets, and picking the rows of the mixture.
 
 Every source stays in Arrow from the first read: files go through `datasets.load_dataset("json" | "csv" |
-"parquet")`, `save_to_disk` folders through `load_from_disk` and hub names through `load_dataset(name)`, all
-memory-mapped; only the built-in synthetic source, small and seeded, is built in memory. No source is ever turned
-into a Python list: rows reach Python one `datasets` batch at a time, when they are tokenized.
+"parquet" | "arrow" | "text")` (a `.txt` file's lines are rows of one `text` column), `save_to_disk` folders
+through `load_from_disk` and hub names through `load_dataset(name)`, all memory-mapped; only the built-in
+synthetic source, small and seeded, is built in memory. No source is ever turned into a Python list: rows reach
+Python one `datasets` batch at a time, when they are tokenized.
 
 Files are read one by one (each a few milliseconds) so that a row's place, file and line, is known without storing
 it for every row; it is worked out only for the rows an error message names (`Source.locate`). A JSON file that
@@ -33,7 +34,8 @@ from fluid_cli.config import DataConfig, DataSource
 from fluid_cli.errors import FluidError, first_line
 from fluid_cli.render import SYNTHETIC, TEXT_COLUMN, SourceSpec, batch_rows
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+LOADERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}  # a .txt line is a `text` row
 BAD_EXAMPLES = 20  # malformed rows whose message is kept (all are counted)
 # Arrow types that hold exactly what a JSON file wrote. Others are Arrow's guesses: an ISO date string becomes a
 # timestamp, an integer in a column with a float becomes a float; those files are read as JSON text instead.
@@ -69,6 +71,9 @@ def read_source(src: DataSource, spec: SourceSpec, data: DataConfig, work: Path)
     """Read one `[[data.sources]]` entry; `work` is a scratch folder for the Arrow files (removed after the run)."""
     import datasets
 
+    if spec.registered is not None and spec.registered.hub:
+        e = spec.registered
+        return _from_hub(e.path, e.split, e.subset, e.folder)
     if src.path in SYNTHETIC:
         seed = data.seed + spec.index
         rows = datasets.Dataset.from_list(SYNTHETIC[src.path](src.num_samples, seed))
@@ -104,14 +109,14 @@ def _read_file(file: Path, spec: SourceSpec, skip_bad_rows: bool, work: Path) ->
     if suffix not in FILE_SUFFIXES:
         raise FluidError(f"{file}: unsupported file type (supported: {', '.join(FILE_SUFFIXES)})")
     identity = f"{file}:{_file_digest(file)}"
-    bad_line = _first_non_utf8_line(file) if suffix != ".parquet" else None
+    bad_line = _first_non_utf8_line(file) if suffix not in (".parquet", ".arrow") else None
     if suffix in (".jsonl", ".json"):
         # Arrow would take bytes that are not UTF-8 into its strings; the line reader names the line instead.
         rows = _try_load_json(file, work) if bad_line is None else None
         if rows is not None and _exact_json(rows.features, spec):
             return Source(str(file), rows, "json-columns", lambda ks: _json_places(file, ks), identity)
         return _read_json_text(file, skip_bad_rows, work, identity)
-    kind = suffix[1:]
+    kind = LOADERS[suffix]
     if bad_line is not None:
         raise FluidError(f"{file}:{bad_line}: not UTF-8 text; save the file as UTF-8")
     try:
@@ -119,7 +124,7 @@ def _read_file(file: Path, spec: SourceSpec, skip_bad_rows: bool, work: Path) ->
         rows = _load(kind, file, work, **({"na_filter": False} if kind == "csv" else {}))
     except Exception as e:  # pyarrow and pandas raise many types for an unreadable file
         raise FluidError(f"{file}: unreadable {kind} file ({_reason(e)})") from None
-    first = 2 if kind == "csv" else 1  # CSV rows start after the header line
+    first = 2 if kind == "csv" else 1  # CSV rows start after the header line; a text file's rows are its lines
     return Source(str(file), rows, "columns", lambda ks: [f"{file} row {k + first}" for k in ks], identity)
 
 
@@ -324,16 +329,16 @@ def _from_disk(path: Path, split: str) -> Source:
                   f"disk:{path}:{loaded._fingerprint}")
 
 
-def _from_hub(name: str, split: str) -> Source:
+def _from_hub(name: str, split: str, subset: str | None = None, folder: str | None = None) -> Source:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, subset, data_dir=folder, split=split)
     except Exception as e:  # the hub client raises many types (connection, missing repo, gated, bad split)
         raise FluidError(f"{name}: not a local file or folder, and loading it from the dataset hub failed "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     return Source(name, ds.with_format(None), "columns", lambda ks: [f"{name}[{split}] row {k + 1}" for k in ks],
-                  f"hub:{name}:{split}:{ds._fingerprint}")
+                  f"hub:{name}:{subset}:{folder}:{split}:{ds._fingerprint}")
 
 
 # --------------------------------------------------------------------------------------------- mixing

@@ -11,8 +11,8 @@
 3. cut the prepared dataset into steps: every epoch is a seeded permutation of the rows, each optimizer step
    takes `grad_accum` micro-batches of `batch_size` rows on every process;
 4. for each micro-batch: `layout.pad_batch` -> `layout.build_expanded_batch` (anchors, blocks, reveal, noise,
-   drawn from a seeded generator) -> `FluidModel.stage1_loss` -> backward; AdamW, cosine schedule with warmup,
-   gradient clipping;
+   drawn from a seeded generator) -> `FluidModel.stage1_loss` -> backward; AdamW, warmup then the `lr_scheduler`
+   schedule (cosine, linear or constant), gradient clipping;
 5. every `log_steps` append the window's means to `metrics.jsonl`; every `save_steps` write a checkpoint
    (trainable weights, optimizer, scheduler, every RNG including the layout generator, data position). A loss
    that is not finite stops the run before anything else is written, keeping the last good checkpoint;
@@ -46,7 +46,7 @@ from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from fluid_cli.backbone import NO_MODEL, model_reference, recipe_lm, recipe_tokenizer
@@ -78,6 +78,8 @@ STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 OUTPUT_KEY = "[train] output_dir"
 PLAIN_PROGRESS_S = 30.0  # without a terminal (a log file), a plain progress line at most this often
+# [train] lr_scheduler -> transformers' schedule; each warms up linearly over warmup_ratio of the steps first
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 console = Console(stderr=True)
 
@@ -537,7 +539,7 @@ def setup(cfg: Recipe, resume: bool) -> Run:
                          f"{sched.total_steps} steps ([train] max_steps / epochs); raise them to continue it")
     objective = Stage1Objective(fluid, cfg.fluid)
     optimizer = adamw(objective, cfg)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, sched.warmup_steps, sched.total_steps)
+    scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, sched.warmup_steps, sched.total_steps)
     objective, optimizer = acc.prepare(objective, optimizer)
     # Stepped once per optimizer step by the loop itself, so it is registered rather than prepared (a prepared
     # scheduler steps once per process).

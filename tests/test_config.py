@@ -55,7 +55,9 @@ def test_resolved_recipe_round_trips(tmp_path):
         ("[train]\nlr = 'fast'\n", "bad.toml:2: [train] lr: expected a float, got 'fast'"),
         ("[lora]\nenabled = 1\n", "bad.toml:2: [lora] enabled: expected true or false, got 1"),
         ("[generate]\nhorizon = 'widest'\n", "[generate] horizon: expected one of 'auto', 'cost', 'khead', 'fixed', 'entropy', got 'widest'"),
-        ("[[data.sources]]\nformat = 'text'\n", "[data] sources[0] path: required key is missing"),
+        ("[[data.sources]]\nformat = 'text'\n", "bad.toml:1: [data] sources[0]: set path (a file, folder or hub "
+                                                 "dataset) or dataset (a registered name)"),
+        ("[[data.sources]]\ndataset = 'alpaca'\n", "bad.toml:2: [data] sources[0] dataset: needs [data] dataset_dir"),
         ("[nope]\nx = 1\n", "bad.toml:1: [nope]: unknown key"),
         ("[train\n", "bad.toml: invalid TOML"),
     ],
