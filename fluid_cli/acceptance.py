@@ -111,7 +111,8 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, t
     sorted_z = sorted_z.masked_fill((k > 0) & (rank >= k), -math.inf)
     probs = sorted_z.softmax(-1)
     before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
-    probs = probs.masked_fill(before >= top_p.float().to(z.device)[:, None], 0.0)
+    p = top_p.float().to(z.device)[:, None]
+    probs = probs.masked_fill((before >= p) & (p < 1), 0.0)  # top-p 1 keeps all, whatever the rounding of the sums
     probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, order, probs)
 
