@@ -221,7 +221,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict[str, Any]:
             ev.model_dir or cfg.train.output_dir, decoder="ar" if ev.decoder == "ar" else "fluid",
             horizon=gen.horizon, tau=gen.tau, threshold=gen.threshold, max_k=gen.max_k, min_k=gen.min_k,
             verify=gen.verify, compile=gen.compile, batch_size=ev.batch_size,
-            device=None if ev.device == "auto" else ev.device, dtype=ev.dtype,
+            device=None if ev.device == "auto" else ev.device, dtype=ev.dtype, mask_token=gen.mask_token,
         )
         if ev.apply_chat_template:
             lm.check_chat_template()

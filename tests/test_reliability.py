@@ -1085,10 +1085,13 @@ def test_eval_overwrite_removes_the_sample_files_of_the_replaced_results(tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_mask_token_is_refused_on_a_fluid_model(model_dir):
-    error_line(fluid("generate", "--model", model_dir, "-p", "hi", "--mask-token", "<unk>"),
-               "mask_token '<unk>':", "is a FLUID model, which drafts with the mask token it was trained with "
-               "('<|mask|>')")
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_mask_token_is_refused_on_a_fluid_model(model_dir, tmp_path, command):
+    args = ["generate", "-p", "hi", "--mask-token", "<unk>"] if command == "generate" else \
+        ["eval", "arithmetic", "--data-dir", held_arithmetic(tmp_path), "--output-dir", tmp_path / "ev",
+         "--set", "generate.mask_token=<unk>"]
+    error_line(fluid(*args, "--model", model_dir), "mask_token '<unk>':",
+               "is a FLUID model, which drafts with the mask token it was trained with ('<|mask|>')")
 
 
 def test_importing_the_command_line_imports_nothing_heavy():
