@@ -44,7 +44,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     of such rows (or of strings)."""
     if path.is_dir():
         raise FluidError(f"{path}: a folder, not a prompt file (name a file in it)")
-    if not path.is_file():
+    if not path.exists():  # a pipe (`--prompt-file <(...)`, /dev/stdin) is read like a file
         raise FluidError(f"{path}: prompt file not found")
     text = read_text(path, "prompt file")
     if text.lstrip().startswith("["):  # a JSON array; text that only starts with a bracket is read by lines

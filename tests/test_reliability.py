@@ -947,6 +947,13 @@ def test_prompt_files_json_arrays_byte_order_marks_and_folders(tmp_path):
     assert read_prompt_file(tmp_path / "bom.jsonl") == ["hello"]
     with pytest.raises(FluidError, match="a folder, not a prompt file"):
         read_prompt_file(tmp_path)
+    os.mkfifo(tmp_path / "pipe")  # `--prompt-file <(command)`
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(tmp_path / 'pipe')!r}, 'w').write('hi\\n')"])
+    try:
+        assert read_prompt_file(tmp_path / "pipe") == ["hi"]
+    finally:
+        writer.kill()  # blocked in open() if nothing read the pipe
+        writer.wait()
     with pytest.raises(FluidError, match="item 2 of the array: expected a 'messages' list"):
         read_prompt_file((tmp_path / "c.json", (tmp_path / "c.json").write_text('["a", 3]'))[0])
 
