@@ -55,7 +55,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
         if isinstance(rows, list):
             if not rows:
                 raise FluidError(f"{path}: no prompts in the file (an empty JSON array)")
-            return [_prompt_of(row, f"{path}: item {n} of the array") for n, row in enumerate(rows, start=1)]
+            return [_prompt_of(row, f"{path}[{k}]") for k, row in enumerate(rows)]  # as the data files' rows
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise FluidError(f"{path}: no prompts in the file")

@@ -954,7 +954,7 @@ def test_prompt_files_json_arrays_byte_order_marks_and_folders(tmp_path):
     finally:
         writer.kill()  # blocked in open() if nothing read the pipe
         writer.wait()
-    with pytest.raises(FluidError, match="item 2 of the array: expected a 'messages' list"):
+    with pytest.raises(FluidError, match=r"c.json\[1\]: expected a 'messages' list"):
         read_prompt_file((tmp_path / "c.json", (tmp_path / "c.json").write_text('["a", 3]'))[0])
 
 
