@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 from test_train import write_dataset
-from tiny import TINY_SCRATCH_RECIPE, sharpen, tiny_fluid_model, tiny_model, tiny_tokenizer
+from tiny import TINY_SCRATCH_RECIPE, tiny_fluid_model, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from fluid_cli import calibrate, evaluate, io, train
@@ -838,6 +838,8 @@ def test_eval_prints_no_git_error_and_no_foreign_progress_bars(tmp_path, model_d
 
 
 def test_compare_base_cuts_the_base_output_at_the_same_stop_strings(tmp_path, dataset):
+    from tiny import sharpen
+
     base = tmp_path / "base"
     lm = tiny_model("llama")
     sharpen(lm)  # varied text, so that a stop string can end it early
