@@ -41,6 +41,7 @@ from rich.table import Table
 from fluid_cli.compat import lm_eval_task_index
 from fluid_cli.config import EvalConfig, Recipe
 from fluid_cli.errors import FluidError
+from fluid_cli.hf import resolve_device
 from fluid_cli.io import check_output_dir, check_output_file, disk_full_is_an_error, write_json_atomic, write_text_atomic
 from fluid_cli.lm_eval_adapter import FluidLM
 from fluid_cli.task_names import FLUID_TASKS, LM_EVAL_TASKS, PACKAGE_TASKS, unknown_task
@@ -221,7 +222,9 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict[str, Any]:
             ev.model_dir or cfg.train.output_dir, decoder="ar" if ev.decoder == "ar" else "fluid",
             horizon=gen.horizon, tau=gen.tau, threshold=gen.threshold, max_k=gen.max_k, min_k=gen.min_k,
             verify=gen.verify, compile=gen.compile, batch_size=ev.batch_size,
-            device=None if ev.device == "auto" else ev.device, dtype=ev.dtype, mask_token=gen.mask_token,
+            # resolved here: the adapter's own fallback (lm-eval's default cuda:0 on a machine without one) is
+            # not for a device the recipe asked for
+            device=str(resolve_device(ev.device)), dtype=ev.dtype, mask_token=gen.mask_token,
         )
         if ev.apply_chat_template:
             lm.check_chat_template()

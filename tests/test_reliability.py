@@ -1026,8 +1026,11 @@ def test_an_unknown_device_is_one_line(model_dir, tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
-def test_a_missing_gpu_names_no_flag_that_does_not_exist(model_dir):
-    line = error_line(fluid("generate", "--model", model_dir, "-p", "hi", "--set", "generate.device=cuda"),
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_missing_gpu_names_no_flag_that_does_not_exist(model_dir, tmp_path, command):
+    args = ["generate", "-p", "hi"] if command == "generate" else \
+        ["eval", "arithmetic", "--data-dir", held_arithmetic(tmp_path), "--output-dir", tmp_path / "ev"]
+    line = error_line(fluid(*args, "--model", model_dir, "--set", f"{command}.device=cuda"),
                       "device cuda: no CUDA device is available here (choose cpu or auto)")
     assert "--device" not in line
 
