@@ -221,7 +221,7 @@ def eval_(
 ) -> None:
     """Benchmark a model through lm-evaluation-harness: accuracy, tokens per forward, tokens/s (AR vs FLUID)."""
     with user_errors():
-        from fluid_cli import evaluate
+        from fluid_cli.task_names import check_task_names
 
         cfg = _recipe_with_flags(recipe, set_, {
             "TASK": ("eval.tasks", tasks or None), "--model": ("eval.model_dir", model),
@@ -235,6 +235,9 @@ def eval_(
             "--temperature": ("generate.temperature", temperature), "--top-p": ("generate.top_p", top_p),
             "--top-k": ("generate.top_k", top_k), "--seed": ("generate.seed", seed),
         })
+        check_task_names(cfg.eval.tasks)  # in a second, before lm-eval's import and task index (half a minute)
+        from fluid_cli import evaluate
+
         evaluate.run(cfg, overwrite=overwrite)
 
 
@@ -429,5 +432,22 @@ def demo(
         demo_module.run(out, fast=fast, recipe=recipe, overrides=set_)
 
 
+PIPED_WIDTH = 200  # columns of rich's output where no standard stream is a terminal
+
+
+def wide_when_piped(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """rich cuts its output at 80 columns when none of stdin, stdout and stderr is a terminal (a pipe, a log
+    file, CI), which cuts or wraps every table: there, unless COLUMNS says otherwise, it gets `PIPED_WIDTH`. Set
+    in the environment, so that every console of every command (and of lm-eval's) sees it."""
+    if "COLUMNS" in environ:
+        return
+    for fd in (0, 1, 2):  # the streams rich asks for a size, in its order
+        with suppress(OSError, ValueError):
+            os.get_terminal_size(fd)
+            return
+    environ["COLUMNS"] = str(PIPED_WIDTH)
+
+
 def main() -> None:
+    wide_when_piped()
     app()

@@ -607,6 +607,21 @@ def _not_empty(v: Any) -> str | None:
     return None if len(v) else "must not be empty (leave the key out for its default)"
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def device_error(name: str) -> str | None:
+    """What is wrong with a device name, if anything: the one rule for the recipe's `device` keys and
+    `fluid_cli.hf.resolve_device` (which also checks that the device is there).
+
+    >>> device_error("cuda:1"), device_error("gpu")
+    (None, "'gpu' is not a device: expected auto, cpu, cuda, cuda:N (the N-th GPU), mps or xpu")
+    """
+    if DEVICE_NAME.fullmatch(name):
+        return None
+    return f"{name!r} is not a device: expected auto, cpu, cuda, cuda:N (the N-th GPU), mps or xpu"
+
+
 SEED = _between(0, 2**32 - 1, hint=" (a seed is a whole number from 0 to 2**32 - 1)")
 K_RANGE = _between(1, MAX_K, hint=f" (the horizon: blocks of 1 to {MAX_K} mask slots)")
 
@@ -676,6 +691,8 @@ RULES: dict[type, dict[str, Check]] = {
                   "output": _not_empty},
     LaunchConfig: {"num_processes": _at_least(1), "main_process_port": _between(1, 65535)},
 }
+for _section in (RegenerateConfig, GenerateConfig, EvalConfig):  # every table with a `device` key
+    RULES[_section]["device"] = device_error
 
 
 def validate(recipe: Recipe, where: Any) -> None:

@@ -58,7 +58,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+import transformers
 
+from fluid_cli import __version__
 from fluid_cli.acceptance import GREEDY, Sampling, accepted_length, choose, draft, sample, warp
 from fluid_cli.cache import RowCache
 from fluid_cli.compat import cache_kwarg
@@ -252,16 +254,19 @@ def resolve_plan(model: FluidModel, s: DecodeSettings) -> Plan:
     if s.tau is not None and not 0 < s.tau < math.inf:
         raise FluidError(f"tau = {s.tau}: must be a positive number of nats (e.g. 2.8)")
     if policy == "cost" and not s.verify:
-        raise FluidError("horizon = cost: the cost-aware rule learns from verified drafts; with --no-verify choose "
-                         "--horizon khead, entropy or fixed")
+        raise FluidError("horizon = cost: the cost-aware rule learns from verified drafts; without verification "
+                         "choose the khead, entropy or fixed horizon")
     tau, source = s.tau, "flag" if s.tau is not None else "none"
     if policy in ("cost", "fixed") and s.tau is not None and max_k > 1:
-        raise FluidError(f"tau = {s.tau}: --horizon {policy} does not use tau (it applies to --horizon khead and "
-                         "entropy; the cost rule picks horizons from draft confidences and measured forward costs)")
+        raise FluidError(f"tau = {s.tau}: the {policy} horizon does not use tau (it applies to the khead and entropy "
+                         "horizons; the cost rule picks horizons from draft confidences and measured forward costs)")
     if policy == "khead":
+        if model.meta.weights == "plain":
+            raise FluidError("horizon = khead: a plain transformers model has no K-head (only a FLUID model's is "
+                             "trained and calibrated): choose the cost, fixed or entropy horizon")
         if not head.calibrated:
             raise FluidError("horizon = khead: the model's K-head is not calibrated (run `fluid calibrate-khead`), "
-                             "or choose --horizon cost / fixed / entropy")
+                             "or choose the cost, fixed or entropy horizon")
         if head.objective == "gaussian":
             if s.tau is not None and head.tau is not None and abs(s.tau - head.tau) > 1e-9:
                 raise FluidError(
@@ -869,11 +874,15 @@ class Decoder:
     # -- forward costs ----------------------------------------------------------------------------------------------
     def _probe_costs(self, prompt: list[int], batch: BatchStats) -> CostTable:
         """Time decode forwards of 1..2K-1 rows per batch row after a prefix (compiled: the two shapes there are),
-        cached per model, device, dtype, batch size and thread count; the probe's forwards are counted apart from
+        cached per model (and adapter), device, dtype, batch size, thread count and package versions; the probe's forwards are counted apart from
         the generations'."""
         model, n = self.model, min(self.batch_size, 64)
         config = model.lm.config.to_dict()
         key = {"model": {k: config.get(k) for k in sorted(config) if not k.startswith(("_", "transformers"))},
+               # the adapter's size (its rank and target modules) changes what a drafting forward costs
+               "parameters": sum(p.numel() for p in model.lm.parameters()),
+               # a new release of the package, torch or transformers may run a forward differently
+               "versions": [__version__, torch.__version__, transformers.__version__],
                "gated": model.gate is not None, "device": str(self.device),
                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                "dtype": str(model.dtype), "threads": torch.get_num_threads(), "batch": n, "rows": self.width,

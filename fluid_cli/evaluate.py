@@ -17,7 +17,6 @@ folder is checked before any work, and results already there are replaced only w
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import lm_eval.tasks
 import yaml
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
@@ -40,29 +38,15 @@ from lm_eval.utils import handle_non_serializable
 from rich.console import Console
 from rich.table import Table
 
-import fluid_cli.tasks
 from fluid_cli.compat import lm_eval_task_index
 from fluid_cli.config import EvalConfig, Recipe
 from fluid_cli.errors import FluidError
+from fluid_cli.hf import resolve_device
 from fluid_cli.io import check_output_dir, check_output_file, disk_full_is_an_error, write_json_atomic, write_text_atomic
 from fluid_cli.lm_eval_adapter import FluidLM
+from fluid_cli.task_names import FLUID_TASKS, LM_EVAL_TASKS, PACKAGE_TASKS, unknown_task
 
 Entry, Kind, TaskIndex, load_yaml = lm_eval_task_index()
-LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).parent
-PACKAGE_TASKS = Path(fluid_cli.tasks.__file__).parent
-
-# fluid's task names -> (the task it runs, the folder whose YAMLs define it). Only that folder is indexed for a
-# known name; any other name needs an index of all of lm-eval's ~15,000 task files, which takes seconds.
-FLUID_TASKS: dict[str, tuple[str, Path]] = {
-    "gsm8k": ("gsm8k", LM_EVAL_TASKS / "gsm8k"),
-    "gsm8k_cot": ("gsm8k_cot", LM_EVAL_TASKS / "gsm8k"),
-    # hendrycks_math500, not minerva_math500: minerva's scorer needs math_verify and antlr4 4.11 (lm-eval[math]).
-    "math500": ("hendrycks_math500", LM_EVAL_TASKS / "hendrycks_math"),
-    "mmlu": ("mmlu", LM_EVAL_TASKS / "mmlu" / "default"),
-    "humaneval": ("humaneval", PACKAGE_TASKS),
-    "arithmetic": ("arithmetic", PACKAGE_TASKS),
-}
-
 # Hub datasets with an offline copy in the data folder (the layout of ../shared/data), by split.
 LOCAL_DATA: dict[str, dict[str, str]] = {
     "openai/gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
@@ -134,10 +118,7 @@ def _lookup(name: str) -> tuple[str, dict[str, Entry]]:
         return lm_name, _index((folder,))
     index = _index((LM_EVAL_TASKS, PACKAGE_TASKS))  # later folders win: fluid's humaneval replaces lm-eval's
     if name not in index:
-        close = difflib.get_close_matches(name, list(dict.fromkeys([*FLUID_TASKS, *index])), n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise FluidError(f"unknown task {name!r}: fluid knows {', '.join(FLUID_TASKS)}, and any lm-eval task, group "
-                         f"or tag (list them with `lm_eval ls tasks`){hint}")
+        raise unknown_task(name, list(index))
     return name, index
 
 
@@ -241,9 +222,13 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict[str, Any]:
             ev.model_dir or cfg.train.output_dir, decoder="ar" if ev.decoder == "ar" else "fluid",
             horizon=gen.horizon, tau=gen.tau, threshold=gen.threshold, max_k=gen.max_k, min_k=gen.min_k,
             verify=gen.verify, compile=gen.compile, batch_size=ev.batch_size,
-            device=None if ev.device == "auto" else ev.device, dtype=ev.dtype,
+            # resolved here: the adapter's own fallback (lm-eval's default cuda:0 on a machine without one) is
+            # not for a device the recipe asked for
+            device=str(resolve_device(ev.device)), dtype=ev.dtype, mask_token=gen.mask_token,
             temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, seed=1234 if gen.seed is None else gen.seed,
         )
+        if ev.apply_chat_template:
+            lm.check_chat_template()
         manager = task_manager(plan)
         if plan.generative:
             lm.warm_up(decoders)
@@ -463,7 +448,7 @@ def task_table(name: str, entry: dict[str, Any]) -> Table:
 def write_outputs(out_dir: Path, cfg: Recipe, plan: TaskPlan, summary: dict[str, Any],
                   runs: dict[str, tuple[dict, list[dict], list[dict]]]) -> None:
     """`results.json` (settings, summary, lm-eval's results per decoder), `samples_<task>.jsonl` per leaf task and
-    the resolved recipe, each written atomically."""
+    the resolved recipe, each written atomically; the sample files of the results replaced (other tasks) go."""
     def plain(obj: Any) -> Any:  # lm-eval's results hold numpy scalars and callables
         return json.loads(json.dumps(obj, default=handle_non_serializable))
 
@@ -475,10 +460,14 @@ def write_outputs(out_dir: Path, cfg: Recipe, plan: TaskPlan, summary: dict[str,
         "limit": ev.limit, "num_fewshot": ev.num_fewshot, "data_dir": ev.data_dir or os.environ.get(DATA_DIR_ENV),
         **summary, "lm_eval": lm_eval_results,
     })
+    written = set()
     for task in sorted({t for leaves in plan.leaves.values() for t in leaves}):
         rows = _sample_rows(task, runs)
+        written.add(out_dir / f"samples_{task}.jsonl")
         write_text_atomic(out_dir / f"samples_{task}.jsonl", "".join(
             json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    for stale in set(out_dir.glob("samples_*.jsonl")) - written:  # an overwritten run's other tasks
+        stale.unlink()
     cfg.save(out_dir)
 
 

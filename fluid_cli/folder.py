@@ -276,6 +276,10 @@ def load_for_inference(
     training, an existing token as the mask). The one loader of generate, bench, eval and the lm-eval adapter."""
     folder = Path(path)
     if is_fluid_folder(folder):
+        trained = read_meta(folder).mask_token
+        if mask_token is not None and mask_token != trained:  # its drafts were trained on its own mask token
+            raise FluidError(f"mask_token {mask_token!r}: {folder} is a FLUID model, which drafts with the mask token "
+                             f"it was trained with ({trained!r}); another one is chosen only for a plain model")
         return load_model(folder, device=device, dtype=dtype, merge=True)
     if not (folder / "config.json").is_file():
         read_meta(folder)  # the standard "not found" / "not a FLUID model folder" error

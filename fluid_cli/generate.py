@@ -27,7 +27,7 @@ from fluid_cli.errors import FluidError
 from fluid_cli.hf import greedy_generate, load_causal_lm
 from fluid_cli.inference import decode_settings, generate_config, load_decoding_model, requests
 from fluid_cli.model import FluidModel
-from fluid_cli.prompts import Prompt, encode_prompt
+from fluid_cli.prompts import Prompt, cut_at_stop, encode_prompt
 
 BLOCK_STYLES = ("black on cyan", "black on magenta")
 
@@ -114,7 +114,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
     if cfg.chat_template and not getattr(model.tokenizer, "chat_template", None):
         err.print("[dim]the tokenizer has no chat template: prompts are encoded as plain text[/]")
     settings = decode_settings(cfg, model)
-    encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template) for p in prompts]
+    encoded = [encode_prompt(model.tokenizer, p, cfg.chat_template, model.meta.mask_token, f"prompt {n}")
+               for n, p in enumerate(prompts, start=1)]
     reqs = requests(encoded, settings.sampling)
     decoder = Decoder(model, settings, batch_size=cfg.batch_size)
     ar = Decoder(model, ar_settings(settings)) if compare_ar else None
@@ -137,9 +138,10 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
         reference = ar.decode(req) if ar is not None else None
         base_tokens = None
         if base is not None:
-            base_tokens = greedy_generate(base, ids, len(result.tokens) if result.stats.stop_reason in
-                                          ("length", "context") else settings.max_new_tokens,
-                                          settings.eos_token_ids, model.tokenizer.pad_token_id)
+            # transformers knows no stop callback: the base's output is cut by the same stop strings as FLUID's
+            base_tokens = cut_at_stop(settings.stop, greedy_generate(
+                base, ids, len(result.tokens) if result.stats.stop_reason in ("length", "context", "stop")
+                else settings.max_new_tokens, settings.eos_token_ids, model.tokenizer.pad_token_id))
         generations.append(Generation(prompt, len(ids), result, text, reference, base_tokens))
     if json_output:
         payload = {"model": str(cfg.model_dir), "exact_to": model.meta.exact_to, "base_model": model.meta.base_model,

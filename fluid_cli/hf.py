@@ -15,18 +15,32 @@ import torch
 from safetensors import SafetensorError
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from fluid_cli.config import device_error
 from fluid_cli.errors import FluidError, first_line
 
 # --------------------------------------------------------------------------------------------- device and dtype
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (or None): the GPU when there is one, else the CPU; anything else as given (`cuda:1`, `cpu`)."""
+    """`auto` (or None): the GPU when there is one, else the CPU; anything else as given (`cuda:1`, `cpu`), if
+    this machine has it. The one check of a device every command's loading goes through.
+
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    fluid_cli.errors.FluidError: device: 'gpu' is not a device: expected auto, cpu, cuda, cuda:N (the N-th GPU), mps or xpu
+    """
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(name, str) and (problem := device_error(name)):
+        raise FluidError(f"device: {problem}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FluidError(f"device {name}: no CUDA device is available (use --device cpu or auto)")
+        raise FluidError(f"device {name}: no CUDA device is available here (choose cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FluidError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if (device.type == "mps" and not torch.backends.mps.is_available()) or \
+            (device.type == "xpu" and not torch.xpu.is_available()):
+        raise FluidError(f"device {name}: no {device.type} device is available here (choose cpu or auto)")
     return device
 
 
@@ -122,9 +136,13 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, remedy: str | 
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise FluidError(f"{name}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}){fix}")
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for an unreadable folder
         raise FluidError(f"{name}: cannot load a tokenizer ({first_line(e)}){fix}") from None
+    # Every command measures lengths against the model's context itself (prompts, training rows, lm-eval's
+    # requests), so transformers' "Token indices sequence length is longer than..." is noise: mark it as said.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def build_scratch_model(

@@ -28,10 +28,11 @@ from fluid_cli.errors import FluidError
 
 
 def read_text(path: Path, what: str) -> str:
-    """A small text file as UTF-8; otherwise one line naming the file, the line, and what to save it as."""
+    """A small text file as UTF-8 (a byte-order mark, which editors on Windows write, is not part of the text);
+    otherwise one line naming the file, the line, and what to save it as."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise FluidError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None

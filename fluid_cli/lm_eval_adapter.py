@@ -57,7 +57,7 @@ from fluid_cli.errors import FluidError
 from fluid_cli.folder import load_for_inference
 from fluid_cli.hf import context_length
 from fluid_cli.model import FluidModel
-from fluid_cli.prompts import stop_strings
+from fluid_cli.prompts import check_no_mask_token, stop_strings
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 2048  # when the model's config names no context length
@@ -157,12 +157,20 @@ class FluidLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        check_no_mask_token(string, self.tokenizer, self.model.meta.mask_token, "an lm-eval request")
         return self.tokenizer.encode(string, add_special_tokens=special)
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def check_chat_template(self) -> None:
+        """Chat-templated prompts need the tokenizer's template: refused in one line where there is none."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise FluidError(f"apply_chat_template: the tokenizer of {self.tokenizer.name_or_path} has no chat "
+                             "template; evaluate with plain prompts")
+
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.check_chat_template()
         return self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
@@ -296,7 +304,22 @@ class FluidLM(TemplateLM):
             yield advance
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """lm-eval's command line with `fluid` registered; a user mistake in the fluid model's arguments (a bad
+    `decoder`, a missing model) is one line on stderr and exit status 2, as in `fluid`'s own commands."""
+    import sys
+
+    import typer
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    from fluid_cli.cli import user_errors
+
+    try:
+        with user_errors():
+            cli_evaluate()
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

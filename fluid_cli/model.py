@@ -87,10 +87,11 @@ class FluidModel(nn.Module):
         name = mask_token or tokenizer.unk_token or tokenizer.pad_token
         where = source or "the model"
         if name is None:
-            raise FluidError(f"{where}: the tokenizer has no unk or pad token to draft with: pass --mask-token")
+            raise FluidError(f"{where}: the tokenizer has no unk or pad token to draft with: name an existing token "
+                             "as the mask ([generate] mask_token, e.g. --set generate.mask_token=TOKEN)")
         mask_id = tokenizer.convert_tokens_to_ids(name)
         if mask_id is None or (mask_token and mask_id == tokenizer.unk_token_id and name != tokenizer.unk_token):
-            raise FluidError(f"--mask-token {name!r}: not a token of {where}'s tokenizer")
+            raise FluidError(f"mask_token {name!r}: not a token of {where}'s tokenizer")
         k = max_k or DEFAULT_MAX_K
         meta = FluidMeta(mask_token=name, mask_token_id=int(mask_id), max_k=k, vocab_size=len(tokenizer),
                          weights="plain", base_model=source)

@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.console import Console
 
 from fluid_cli.io import write_json_atomic
 
@@ -68,8 +71,8 @@ class CostTable:
     """
 
     def __init__(self, points: dict[int, float]):
-        if 1 not in points or any(q < 1 or t <= 0 for q, t in points.items()):
-            raise ValueError("a cost table needs c(1) and positive costs at q >= 1")
+        if 1 not in points or any(q < 1 or not 0 < t < math.inf for q, t in points.items()):
+            raise ValueError("a cost table needs c(1) and positive, finite costs at q >= 1")
         base = points[1]
         self.points = sorted((int(q), float(t) / base) for q, t in points.items())
         self._memo: dict[int, float] = {}
@@ -104,12 +107,17 @@ def cost_cache_path(key: dict[str, object]) -> Path:
 
 
 def load_cached_costs(key: dict[str, object]) -> CostTable | None:
+    """The table measured before for `key`; None when there is none, or when the file is damaged (a notice says so;
+    the caller measures the costs again and its save replaces the file)."""
     path = cost_cache_path(key)
+    if not path.is_file():
+        return None
     try:
         points = json.loads(path.read_text())["points"]
         return CostTable({int(q): float(t) for q, t in points.items()})
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent or unreadable: probe again
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        Console(stderr=True).print(f"[yellow]{path}: a damaged forward-cost cache; measuring the costs again[/]")
+        return None
 
 
 def save_cached_costs(key: dict[str, object], table: CostTable) -> None:

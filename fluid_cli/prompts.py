@@ -40,10 +40,22 @@ def read_prompts(prompts: list[str] | None, prompt_file: Path | None) -> list[Pr
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:
-    """One prompt per non-empty line; or JSONL rows with `messages` or one of the `PROMPT_FIELDS`."""
-    if not path.is_file():
+    """One prompt per non-empty line; or JSONL rows with `messages` or one of the `PROMPT_FIELDS`; or a JSON array
+    of such rows (or of strings)."""
+    if path.is_dir():
+        raise FluidError(f"{path}: a folder, not a prompt file (name a file in it)")
+    if not path.exists():  # a pipe (`--prompt-file <(...)`, /dev/stdin) is read like a file
         raise FluidError(f"{path}: prompt file not found")
     text = read_text(path, "prompt file")
+    if text.lstrip().startswith("["):  # a JSON array; text that only starts with a bracket is read by lines
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = None
+        if isinstance(rows, list):
+            if not rows:
+                raise FluidError(f"{path}: no prompts in the file (an empty JSON array)")
+            return [_prompt_of(row, f"{path}[{k}]") for k, row in enumerate(rows)]  # as the data files' rows
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise FluidError(f"{path}: no prompts in the file")
@@ -55,19 +67,54 @@ def read_prompt_file(path: Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise FluidError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(row["messages"])
-            continue
-        field = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
-        if field is None:
-            raise FluidError(f"{path}:{n}: expected a 'messages' list or one of the string fields "
-                             f"{', '.join(PROMPT_FIELDS)}")
-        prompts.append(row[field])
+        prompts.append(_prompt_of(row, f"{path}:{n}"))
     return prompts
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool) -> list[int]:
-    """Token ids of a prompt: through the chat template (as a user turn) when it is on and the tokenizer has one."""
+def _prompt_of(row: Any, where: str) -> Prompt:
+    """The prompt of one JSON row: a string, a `messages` list of {role, content} strings, or a `PROMPT_FIELDS`
+    string."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise FluidError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}}")
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise FluidError(f"{where}: messages[{i}] must be an object with string 'role' and 'content', got "
+                                 f"{json.dumps(message)[:60]}")
+        return messages
+    field = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+    if field is None:
+        raise FluidError(f"{where}: expected a 'messages' list or one of the string fields {', '.join(PROMPT_FIELDS)}")
+    return row[field]
+
+
+def check_no_mask_token(text: str, tokenizer: Any, mask_token: str | None, where: str) -> None:
+    """User text that spells the model's mask token is refused: tokenized, it would become the mask id itself in
+    a committed row, where the original model (which may not even have that id) never sees it, so verified output
+    would no longer be the original model's. One rule for every prompt, whoever tokenizes it (generate, bench,
+    the lm-eval adapter).
+
+        >>> from fluid_cli.tokenizer import MASK, build_char_tokenizer
+        >>> check_no_mask_token("a <|mask|> b", build_char_tokenizer(), MASK, "prompt 1")
+        Traceback (most recent call last):
+        fluid_cli.errors.FluidError: prompt 1 spells '<|mask|>', the model's mask token (the placeholder of its \
+drafts), which a prompt cannot hold: remove or respell it
+    """
+    if mask_token and mask_token in text and mask_token in tokenizer.get_added_vocab():
+        raise FluidError(f"{where} spells {mask_token!r}, the model's mask token (the placeholder of its drafts), "
+                         "which a prompt cannot hold: remove or respell it")
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool, mask_token: str | None = None,
+                  where: str = "the prompt") -> list[int]:
+    """Token ids of a prompt: through the chat template (as a user turn) when it is on and the tokenizer has one.
+    A prompt spelling `mask_token` (the model's) is refused (`check_no_mask_token`)."""
+    for text in [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]:
+        check_no_mask_token(text, tokenizer, mask_token, where)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, list) and not (chat_template and has_template):
         raise FluidError("chat messages need the tokenizer's chat template (and --chat-template)")
@@ -104,3 +151,19 @@ def stop_strings(tokenizer: Any, stops: list[str]) -> StopCallback | None:
         return len(ids) if any(s in text for s in stops) else None
 
     return stop
+
+
+def cut_at_stop(stop: StopCallback | None, ids: list[int]) -> list[int]:
+    """`ids` cut where `stop` ends them, checked token by token as the decoder does: a reference decoded without
+    the stop strings (transformers' greedy decoding) made comparable with the decoder's output.
+
+        >>> from fluid_cli.tokenizer import build_char_tokenizer
+        >>> tok = build_char_tokenizer()
+        >>> tok.decode(cut_at_stop(stop_strings(tok, ["b"]), tok.encode("aabcb")))
+        'aab'
+    """
+    if stop is not None:
+        for n in range(1, len(ids) + 1):
+            if (keep := stop(ids[:n])) is not None:
+                return ids[:keep]
+    return ids

@@ -340,9 +340,9 @@ def test_zero_new_tokens_and_the_context_limit():
         ([10], DecodeSettings(max_new_tokens=-1), "max_new_tokens = -1"),
         ([10], DecodeSettings(horizon="entropy", tau=0.0), "tau = 0.0: must be a positive"),
         ([10], DecodeSettings(horizon="entropy", tau=-1.0), "tau = -1.0"),
-        ([10], DecodeSettings(horizon="fixed", tau=2.8), "--horizon fixed does not use tau"),
+        ([10], DecodeSettings(horizon="fixed", tau=2.8), "the fixed horizon does not use tau"),
         ([10], DecodeSettings(horizon="khead"), "K-head is not calibrated"),
-        ([10], DecodeSettings(horizon="cost", verify=False), "with --no-verify choose"),
+        ([10], DecodeSettings(horizon="cost", verify=False), "without verification choose"),
     ],
 )
 def test_bad_input_is_a_clear_error(prompt, s, message):

@@ -147,12 +147,12 @@ def test_plain_model_with_a_headless_horizon(plain_dir, horizon):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "{plain}", "-p", "hi", "--horizon", "khead"], "K-head is not calibrated"),
+        (["--model", "{plain}", "-p", "hi", "--horizon", "khead"], "a plain transformers model has no K-head"),
         (["--model", "{fluid}", "-p", "hi", "--tau", "0"], "--tau 0: [generate] tau: must be greater than 0"),
         (["--model", "{fluid}", "-p", "hi", "--horizon", "fixed", "--tau", "2.8"], "does not use tau"),
         (["--model", "{fluid}", "-p", "hi", "--batch-size", "0"], "--batch-size 0: [generate] batch_size: must be at least 1"),
         (["--model", "{fluid}", "-p", "hi", "--compare-base"], "no original model to compare with"),
-        (["--model", "{plain}", "-p", "hi", "--horizon", "fixed", "--mask-token", "<nope>"], "--mask-token '<nope>'"),
+        (["--model", "{plain}", "-p", "hi", "--horizon", "fixed", "--mask-token", "<nope>"], "mask_token '<nope>': not a token"),
         (["--model", "{empty}", "-p", "hi"], "not a FLUID model folder"),
         (["--model", "{fluid}", "-p", " "], "prompt 1 is empty"),
         (["--model", "{fluid}", "-p", "hi", "--max-k", "9"], "max_k = 9: must be between 1 and the model's K = 8"),

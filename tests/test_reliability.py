@@ -831,3 +831,309 @@ def test_eval_prints_no_git_error_and_no_foreign_progress_bars(tmp_path, model_d
     assert "fatal" not in captured.err + result.stderr
     assert "it/s]" not in result.stderr and "examples/s]" not in result.stderr, result.stderr
     assert evaluate.RESULTS_NAME in result.stderr
+
+
+# --------------------------------------------------------------------------------------------- issue 23, part B:
+# generate, bench, eval, prompts, devices, the command line
+
+
+def test_compare_base_cuts_the_base_output_at_the_same_stop_strings(tmp_path, dataset):
+    from tiny import sharpen
+
+    base = tmp_path / "base"
+    lm = tiny_model("llama")
+    sharpen(lm)  # varied text, so that a stop string can end it early
+    lm.save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    cfg = load_recipe_text(f'[model]\npath = "{base}"\n[fluid]\nmax_k = 4\n[train]\ndataset = "{dataset}"\n')
+    save_model(train.build_model(cfg), tmp_path / "model")
+    args = ("generate", "--model", tmp_path / "model", "-p", "hello", "--max-new-tokens", "30", "--compare-base",
+            "--json")
+    full = json.loads(fluid(*args).stdout)["results"][0]
+    stop = full["text"][len(full["text"]) // 2]
+    result = fluid(*args, "--stop", stop)
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert row["stats"]["stop_reason"] == "stop" and row["text"].endswith(stop) and len(row["tokens"]) < 30
+    assert row["match_base"] and row["base"]["tokens"] == row["tokens"]
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_a_prompt_spelling_the_mask_token_is_refused(lora_dir, command):
+    args = ["bench", "decode"] if command == "bench" else ["generate", "--compare-base"]
+    error_line(fluid(*args, "--model", lora_dir, "-p", "fine", "-p", "a <|mask|> b", "--max-new-tokens", "4"),
+               "prompt 2 spells '<|mask|>', the model's mask token")
+
+
+def test_an_lm_eval_request_spelling_the_mask_token_is_refused():
+    from fluid_cli.lm_eval_adapter import FluidLM
+
+    lm = FluidLM(tiny_fluid_model())
+    assert lm.tok_encode("a <mask> b") == lm.tokenizer.encode("a <mask> b", add_special_tokens=False)
+    with pytest.raises(FluidError, match="an lm-eval request spells '<|mask|>'"):
+        lm.tok_encode("Question: a <|mask|> b")
+
+
+@pytest.fixture(scope="module")
+def added_mask_dir(tmp_path_factory, dataset) -> tuple[Path, Path]:
+    """(a FLUID model whose mask token was added to its base's vocabulary, that base model)."""
+    root = tmp_path_factory.mktemp("added")
+    base = root / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    cfg = load_recipe_text(f'[model]\npath = "{base}"\n[fluid]\nmax_k = 4\nmask_token = "<|draft|>"\n'
+                           f'[train]\ndataset = "{dataset}"\n')
+    save_model(train.build_model(cfg), root / "model")
+    return root / "model", base
+
+
+def test_bench_assisted_with_the_models_own_base_as_draft(added_mask_dir, tmp_path):
+    model, base = added_mask_dir
+    assert json.loads((model / META_NAME).read_text())["vocab_size"] == len(tiny_tokenizer()) + 1
+    result = fluid("bench", "decode", "--model", model, "--draft-model", base, "--decoders", "ar", "-p", "hello",
+                   "--max-new-tokens", "6", "-o", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    runs = {r["decoder"]: r for r in json.loads((tmp_path / "b.json").read_text())["runs"]}
+    assert runs["assisted"]["same_as_hf"] == runs["ar"]["same_as_hf"] == 1  # the base's greedy output
+    assert runs["assisted"]["speedup_vs_hf"] is None  # hf did not run
+    assert "0.00x" not in result.stderr and "—" in result.stderr
+
+
+def test_bench_refuses_a_draft_model_with_another_tokenizer(model_dir, tmp_path):
+    from fluid_cli.tokenizer import build_char_tokenizer
+
+    other = build_char_tokenizer("abcdefgh ")
+    tiny_model("llama", other).save_pretrained(tmp_path / "draft")
+    other.save_pretrained(tmp_path / "draft")
+    error_line(fluid("bench", "decode", "--model", model_dir, "--draft-model", tmp_path / "draft", "-p", "hi",
+                     "--max-new-tokens", "4"), f"--draft-model {tmp_path / 'draft'}: its tokenizer is not the model's")
+
+
+def test_bench_tokens_per_forward_are_per_row(model_dir, tmp_path):
+    result = fluid("bench", "decode", "--model", model_dir, "--decoders", "hf,ar", "--batch-size", "4",
+                   *(a for p in ("hello", "2+3=", "abc", "x") for a in ("-p", p)), "--max-new-tokens", "6",
+                   "-o", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    for run in json.loads((tmp_path / "b.json").read_text())["runs"]:  # greedy: one token per row per forward
+        assert run["tokens_per_forward"] == 1.0 and run["forwards"] < run["row_forwards"] == run["tokens"], run
+
+
+def test_bench_refuses_a_prompt_that_leaves_no_room_for_the_new_tokens(model_dir):
+    result = fluid("bench", "decode", "--model", model_dir, "-p", "hi", "-p", "x" * 200,
+                   "--max-new-tokens", "100")
+    error_line(result, "prompt 2 (203 tokens) leaves room for 53 of the 100 new tokens",
+               "lower --max-new-tokens to 53")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": ["hi"]}, "messages[0] must be an object with string 'role' and 'content'"),
+    ({"messages": [{"role": "user"}]}, "messages[0] must be an object"),
+])
+def test_chat_messages_that_are_not_messages(tmp_path, model_dir, row, message):
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+    error_line(fluid("generate", "--model", model_dir, "--prompt-file", tmp_path / "p.jsonl"), "p.jsonl:1", message)
+
+
+def test_prompt_files_json_arrays_byte_order_marks_and_folders(tmp_path):
+    from fluid_cli.prompts import read_prompt_file
+
+    (tmp_path / "a.json").write_text(json.dumps(["hello", {"prompt": "abc"}, {"messages": [
+        {"role": "user", "content": "hi"}]}]))
+    assert read_prompt_file(tmp_path / "a.json") == ["hello", "abc", [{"role": "user", "content": "hi"}]]
+    (tmp_path / "b.txt").write_text("[INST] not JSON\nsecond\n")
+    assert read_prompt_file(tmp_path / "b.txt") == ["[INST] not JSON", "second"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\nabc\n".encode())
+    assert read_prompt_file(tmp_path / "bom.txt") == ["hello", "abc"]
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + json.dumps({"prompt": "hello"}) + "\n").encode())
+    assert read_prompt_file(tmp_path / "bom.jsonl") == ["hello"]
+    with pytest.raises(FluidError, match="a folder, not a prompt file"):
+        read_prompt_file(tmp_path)
+    os.mkfifo(tmp_path / "pipe")  # `--prompt-file <(command)`
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(tmp_path / 'pipe')!r}, 'w').write('hi\\n')"])
+    try:
+        assert read_prompt_file(tmp_path / "pipe") == ["hi"]
+    finally:
+        writer.kill()  # blocked in open() if nothing read the pipe
+        writer.wait()
+    with pytest.raises(FluidError, match=r"c.json\[1\]: expected a 'messages' list"):
+        read_prompt_file((tmp_path / "c.json", (tmp_path / "c.json").write_text('["a", 3]'))[0])
+
+
+def test_a_recipe_with_a_byte_order_mark_loads(tmp_path):
+    (tmp_path / "r.toml").write_bytes("\ufeff[generate]\nmax_new_tokens = 7\n".encode())
+    assert load_recipe(tmp_path / "r.toml").generate.max_new_tokens == 7
+
+
+@pytest.fixture
+def cost_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FLUID_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_damaged_cost_cache_is_measured_again(cost_cache, capsys):
+    from fluid_cli.decode import Decoder, DecodeSettings
+
+    model = tiny_fluid_model()
+    settings = DecodeSettings(horizon="cost", max_new_tokens=4)
+    Decoder(model, settings).decode(tiny_tokenizer()("hi")["input_ids"])
+    [path] = cost_cache.glob("costs-*.json")
+    for damage in ('{"points": []}', '{"points": {"1": NaN}}', '{"points": {"2": 1.0}}', "[", "null"):
+        path.write_text(damage)
+        decoder = Decoder(model, settings)
+        decoder.decode(tiny_tokenizer()("hi")["input_ids"])
+        assert decoder.probe_forwards > 0, damage  # measured again
+        assert "a damaged forward-cost cache; measuring the costs again" in capsys.readouterr().err
+        assert set(json.loads(path.read_text())["points"]) >= {"1", "2"}  # and replaced
+
+
+def test_the_cost_cache_key_holds_the_adapter_size_and_the_versions(tmp_path, base_for_lora, dataset, monkeypatch):
+    import torch
+    import transformers
+
+    from fluid_cli import __version__, decode
+    from fluid_cli.policy import CostTable
+
+    keys = []
+    monkeypatch.setattr(decode, "load_cached_costs", lambda key: keys.append(key) or CostTable.flat())
+    for r in (4, 8):
+        cfg = load_recipe_text(f'[model]\npath = "{base_for_lora}"\n[fluid]\nmax_k = 4\n[lora]\nr = {r}\n'
+                               f'[train]\ndataset = "{dataset}"\n')
+        model = train.build_model(cfg).eval()
+        decode.Decoder(model, decode.DecodeSettings(horizon="cost", max_new_tokens=2)).decode([5, 6, 7])
+    assert keys[0]["parameters"] < keys[1]["parameters"]
+    assert keys[0]["versions"] == [__version__, torch.__version__, transformers.__version__]
+
+
+@pytest.fixture(scope="module")
+def base_for_lora(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("base") / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    return base
+
+
+def test_an_unknown_device_is_one_line(model_dir, tmp_path):
+    error_line(fluid("generate", "--model", model_dir, "-p", "hi", "--set", "generate.device=gpu"),
+               "[generate] device: 'gpu' is not a device: expected auto, cpu, cuda")
+    (tmp_path / "r.toml").write_text('[eval]\ndevice = "cuda0"\n')
+    with pytest.raises(FluidError, match=":2: \\[eval\\] device: 'cuda0' is not a device"):
+        load_recipe(tmp_path / "r.toml")
+    from fluid_cli.hf import resolve_device
+
+    with pytest.raises(FluidError, match="'tpu' is not a device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_missing_gpu_names_no_flag_that_does_not_exist(model_dir, tmp_path, command):
+    args = ["generate", "-p", "hi"] if command == "generate" else \
+        ["eval", "arithmetic", "--data-dir", held_arithmetic(tmp_path), "--output-dir", tmp_path / "ev"]
+    line = error_line(fluid(*args, "--model", model_dir, "--set", f"{command}.device=cuda"),
+                      "device cuda: no CUDA device is available here (choose cpu or auto)")
+    assert "--device" not in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["decoder=nope"], "decoder='nope': expected one of fluid, ar"),
+    ([], "model folder not found"),
+])
+def test_the_lm_eval_adapters_command_line_reports_mistakes_in_one_line(tmp_path, monkeypatch, capsys, args,
+                                                                         message):
+    import lm_eval.__main__
+
+    from fluid_cli import lm_eval_adapter
+
+    kwargs = dict(a.split("=") for a in args)
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: lm_eval_adapter.FluidLM(str(tmp_path / "no"),
+                                                                                          **kwargs))
+    with pytest.raises(SystemExit) as exit_:
+        lm_eval_adapter.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def held_arithmetic(tmp_path: Path) -> Path:
+    (tmp_path / "held" / "arithmetic").mkdir(parents=True)
+    (tmp_path / "held" / "arithmetic" / "test.jsonl").write_text(json.dumps(arithmetic_rows(1, 0)[0]) + "\n")
+    return tmp_path / "held"
+
+
+def test_eval_apply_chat_template_without_a_template(tmp_path, model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    error_line(fluid("eval", "arithmetic", "--model", model, "--data-dir", held_arithmetic(tmp_path), "--output-dir",
+                     tmp_path / "ev", "--limit", "1", "--apply-chat-template"), "has no chat template")
+    assert not (tmp_path / "ev" / evaluate.RESULTS_NAME).exists()
+
+
+def test_eval_tau_names_no_horizon_flag(tmp_path, model_dir):
+    line = error_line(fluid("eval", "arithmetic", "--model", model_dir, "--data-dir", held_arithmetic(tmp_path),
+                            "--output-dir", tmp_path / "ev", "--limit", "1", "--tau", "2.8"),
+                      "tau = 2.8: the cost horizon does not use tau")
+    assert "--horizon" not in line
+
+
+def test_eval_unknown_task_is_refused_before_lm_eval_is_used(monkeypatch):
+    must_not_run(monkeypatch, "fluid_cli.evaluate.run")
+    error_line(fluid("eval", "nosuchtask", "--model", "m"), "unknown task 'nosuchtask'")
+
+
+def test_eval_overwrite_removes_the_sample_files_of_the_replaced_results(tmp_path, model_dir):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / evaluate.RESULTS_NAME).write_text("{}")
+    (out / "samples_gsm8k.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    result = fluid("eval", "arithmetic", "--model", model_dir, "--data-dir", held_arithmetic(tmp_path),
+                   "--output-dir", out, "--limit", "1", "--overwrite", "--set", "eval.max_gen_toks=4")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("samples_*")) == ["samples_arithmetic.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_mask_token_is_refused_on_a_fluid_model(model_dir, tmp_path, command):
+    args = ["generate", "-p", "hi", "--mask-token", "<unk>"] if command == "generate" else \
+        ["eval", "arithmetic", "--data-dir", held_arithmetic(tmp_path), "--output-dir", tmp_path / "ev",
+         "--set", "generate.mask_token=<unk>"]
+    error_line(fluid(*args, "--model", model_dir), "mask_token '<unk>':",
+               "is a FLUID model, which drafts with the mask token it was trained with ('<|mask|>')")
+
+
+def test_importing_the_command_line_imports_nothing_heavy():
+    """typer reports a flag typo only after `fluid_cli.cli` is imported: nothing heavy may load with it."""
+    code = ("import sys, fluid_cli.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'datasets', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("columns, width", [(None, "200"), ("100", "100")])
+def test_output_that_is_not_a_terminal_gets_wide_tables(columns, width):
+    code = "from fluid_cli.cli import wide_when_piped; wide_when_piped(); from rich.console import Console; " \
+           "print(Console().width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         check=True, env=env | ({"COLUMNS": columns} if columns else {}))
+    assert out.stdout.strip() == width
+
+
+def test_no_warning_about_sequences_longer_than_model_max_length(tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from fluid_cli.hf import load_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.model_max_length = 8
+    tok.save_pretrained(tmp_path)
+    load_tokenizer(str(tmp_path))("x" * 20)
+    assert "Token indices sequence length" not in caplog.text
+    AutoTokenizer.from_pretrained(tmp_path)("x" * 20)  # transformers' own loading does warn
+    assert "Token indices sequence length" in caplog.text
