@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fluid_cli.config import KHeadConfig, Recipe, dump_recipe
-from fluid_cli.data import load_prepared
+from fluid_cli.data import check_prepared_tokenizer, load_prepared, prepared_tokenizer
 from fluid_cli.errors import FluidError
 from fluid_cli.io import check_output_dir, disk_full_is_an_error, output_lock, staging_dir
 from fluid_cli.folder import KHEAD_NAME, load_model, read_meta, save_khead
@@ -402,6 +402,10 @@ def _calibrate(cfg: Recipe, taus: list[float] | None, model_dir: Path, meta: Flu
     model = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype, accelerator.device),
                        device=accelerator.device, merge=True, attn_implementation=attn)
     model.requires_grad_(False).eval()
+    data_tok = prepared_tokenizer(data_path, meta.trust_remote_code)
+    if data_tok is not None and model.tokenizer is not None:
+        check_prepared_tokenizer(data_path, data_tok, model.tokenizer, f"the model in {model_dir}",
+                                 ignore=(meta.mask_token,))
     report: dict[str, Any] = {
         "model_dir": str(model_dir), "dataset": str(data_path), "objective": kc.objective, "K": meta.max_k,
         "sigma": kc.sigma, "steps": kc.steps, "lr": kc.lr, "batch_size": kc.batch_size, "saved_tau": kc.tau,

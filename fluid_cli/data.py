@@ -123,6 +123,29 @@ def load_prepared(path: str | Path, split: str = "train", hint: str = "run `flui
     return data.select_columns(["input_ids", "labels"])
 
 
+def prepared_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer `prepare-data` saved next to the data (`<dataset>/tokenizer/`), if any."""
+    from fluid_cli.hf import load_tokenizer
+
+    path = Path(folder) / "tokenizer"
+    return load_tokenizer(str(path), trust_remote_code=trust_remote_code) if path.is_dir() else None
+
+
+def check_prepared_tokenizer(folder: str | Path, data_tok: Any, model_tok: Any, model_name: str,
+                             ignore: tuple[str, ...] = ()) -> None:
+    """The token ids of the prepared dataset in `folder` (written with `data_tok`) must mean what the model's
+    tokenizer says they mean (`ignore`: the mask token, which the model may have added). What training and
+    calibration both check before any work."""
+    from fluid_cli.hf import vocab_differences
+
+    differ = vocab_differences(data_tok, model_tok, ignore=ignore)
+    if differ:
+        raise FluidError(
+            f"{Path(folder) / 'tokenizer'}: the dataset was tokenized with a different tokenizer than {model_name} "
+            f"({len(differ)} tokens differ, e.g. {differ[0]!r}); run `fluid prepare-data` with this recipe's model"
+        )
+
+
 def run(cfg: Recipe, overwrite: bool = False) -> dict:
     """Prepare the recipe's `[data]` into `[data] output_dir`; returns the statistics saved as `stats.json`."""
     from fluid_cli.backbone import recipe_tokenizer

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from fluid_cli.config import DataSource, RegenerateConfig
+from fluid_cli.config import SELF_SOURCE, DataSource, RegenerateConfig
 from fluid_cli.errors import FluidError, first_line
 from fluid_cli.hf import (
     check_model_folder,
@@ -56,7 +56,7 @@ from fluid_cli.io import write_json_atomic
 from fluid_cli.layout import IGNORE
 from fluid_cli.sources import digest
 
-SELF = "self"  # the source path of prompts sampled from the model
+SELF = SELF_SOURCE  # the source path of prompts sampled from the model
 DEFAULT_PREFIX = (4, 16)  # prefix_tokens of a "self" source
 PROMPT, SAMPLE = "prompt", "sample"  # job kinds: continue a given prompt, or sample a prompt first
 

@@ -103,9 +103,6 @@ def source_spec(src: DataSource, index: int, data: DataConfig, where: str) -> So
         ('prompt_response', {'prompt': 'question', 'response': 'answer'}, True)
     """
     key = f"{where}: [data] sources[{index}]"
-    if src.prefix_tokens is not None or src.prefix_temperature is not None:
-        raise FluidError(f"{key}: prefix_tokens and prefix_temperature apply to prompts sampled from the model "
-                         "(path = \"self\")")
     synthetic = src.path.startswith("synthetic:")
     if synthetic and src.path not in SYNTHETIC:
         raise FluidError(f"{key} path: unknown synthetic source {src.path!r} (known: {', '.join(SYNTHETIC)})")

@@ -103,6 +103,15 @@ def copy_run(trained: Path, tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
     return out, train_recipe(tmp_path, dataset, out=out)
 
 
+def interrupted_run(trained: Path, tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
+    """A copy of the finished run as a kill after its final save but before its summary leaves it: the model is
+    there, the run is not finished, and `--resume` trains steps 3 and 4 again from the step-2 checkpoint."""
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    (out / train.SUMMARY_NAME).unlink()
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    return out, recipe
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A FLUID model folder (full weights, K = 4), never changed: tests copy it."""
@@ -537,12 +546,12 @@ def test_a_second_calibration_of_a_model_folder_fails_at_once(tmp_path, model_di
 
 def test_staging_a_killed_run_left_is_removed_by_the_next_run(tmp_path, trained, dataset, model_dir):
     pid = dead_pid()
-    out, recipe = copy_run(trained, tmp_path, dataset)
-    stale = [out / "checkpoints" / ".step-00000006.tmp", out / f".staging.{pid}.abc"]
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    stale = [out / "checkpoints" / ".step-00000004.tmp", out / f".staging.{pid}.abc"]
     for folder in stale:
         folder.mkdir()
         (folder / "partial.bin").write_bytes(b"x" * 100)
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
+    result = fluid("train-stage1", recipe, "--resume")
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in stale)
     load_model(out)
@@ -575,7 +584,7 @@ def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_folder_back(tmp
 
 
 def test_sigint_removes_the_staging_folders(tmp_path, trained, dataset, model_dir, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     from accelerate import Accelerator
 
     def interrupted(self, output_dir, **kwargs):
@@ -584,7 +593,7 @@ def test_sigint_removes_the_staging_folders(tmp_path, trained, dataset, model_di
 
     monkeypatch.setattr(Accelerator, "save_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.run(load_recipe_text(recipe.read_text(), ["train.max_steps=6"]), resume=True)
+        train.run(load_recipe_text(recipe.read_text()), resume=True)
     assert not list((out / "checkpoints").glob(".step-*")) and load_model(out).max_k == 4
     monkeypatch.undo()
 
@@ -636,22 +645,22 @@ def writes_then_no_space(target_of):
 
 
 def test_a_full_disk_during_a_checkpoint(tmp_path, trained, dataset, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     from accelerate import Accelerator
 
     monkeypatch.setattr(Accelerator, "save_state", writes_then_no_space(lambda self, output_dir, **k: output_dir))
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
-    error_line(result, "the disk is full", "the partial checkpoint .step-00000006.tmp was removed", alone=False)
+    result = fluid("train-stage1", recipe, "--resume")
+    error_line(result, "the disk is full", "the partial checkpoint .step-00000004.tmp was removed", alone=False)
     assert not list((out / "checkpoints").glob(".step-*"))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-    assert load_model(out).max_k == 4  # the finished model is kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert load_model(out).max_k == 4  # the model is kept
 
 
 def test_a_full_disk_during_the_final_save(tmp_path, trained, dataset, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     before = (out / "model.safetensors").read_bytes()
     monkeypatch.setattr("fluid_cli.folder._write_khead", writes_then_no_space(lambda model, stage: stage))
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=5", "--set", "train.save_steps=10")
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.save_steps=10")
     error_line(result, f"{out}: the disk is full", "the partial output was removed", alone=False)
     assert not list(out.glob(".staging*")) and (out / "model.safetensors").read_bytes() == before
     load_model(out)
@@ -701,14 +710,6 @@ def test_a_loss_that_is_not_finite_stops_training_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert not (out / META_NAME).exists()
     assert all(r["step"] < 3 for r in map(json.loads, (out / train.METRICS_NAME).read_text().splitlines()))
-
-
-def test_resuming_past_the_end_of_the_run_is_refused(tmp_path, trained, dataset):
-    out, recipe = copy_run(trained, tmp_path, dataset)
-    before = snapshot(out)
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=2")
-    error_line(result, "--resume: the newest checkpoint is after step 4, beyond the run's 2 steps", alone=False)
-    assert snapshot(out) == before
 
 
 def test_a_max_expanded_len_without_room_for_a_block(tmp_path, dataset):
@@ -763,12 +764,11 @@ def test_a_kill_at_the_final_save_leaves_a_usable_model(tmp_path, dataset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["writing", "moving"])
-def test_a_kill_while_resuming_a_finished_run_leaves_a_usable_model(tmp_path, trained, dataset, where):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+def test_a_kill_while_resuming_a_run_leaves_a_usable_model(tmp_path, trained, dataset, where):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    save_model(tiny_fluid_model(max_k=4, seed=1), out)  # other weights than the resumed run writes again
     old = (out / "model.safetensors").read_bytes()
-    # (step 5 runs at the finished run's last learning rate, 0: step 6 is the first to change the weights)
-    killed_at_save(where, "train-stage1", recipe, "--resume", "--set", "train.max_steps=6", "--set",
-                   "train.save_steps=10")
+    killed_at_save(where, "train-stage1", recipe, "--resume", "--set", "train.save_steps=10")
     load_model(out)  # the old model (killed while writing) or the new one (killed while moving)
     assert ((out / "model.safetensors").read_bytes() == old) == (where == "writing")
     assert not list(out.glob(".staging*"))
@@ -831,3 +831,87 @@ def test_eval_prints_no_git_error_and_no_foreign_progress_bars(tmp_path, model_d
     assert "fatal" not in captured.err + result.stderr
     assert "it/s]" not in result.stderr and "examples/s]" not in result.stderr, result.stderr
     assert evaluate.RESULTS_NAME in result.stderr
+
+
+# --------------------------------------------------------------------------------------------- issue 23, part A
+# training, data preparation, calibration
+
+
+def test_resuming_a_finished_calibrated_run_says_so_and_changes_nothing(tmp_path, trained, dataset):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    assert fluid("calibrate-khead", recipe, "--set", "khead.steps=2", "--set", f"khead.dataset={dataset}").exit_code == 0
+    before = snapshot(out)
+    result = fluid("train-stage1", recipe, "--resume")
+    error_line(result, f"--resume: {out} holds a finished run (4 steps, K-head calibrated): nothing is left to train, "
+                       "and nothing was changed")
+    again = error_line(fluid("train-stage1", recipe), "holds a finished run (4 steps, K-head calibrated)")
+    assert "--resume" not in again  # the advice for a finished run is advice that works
+    assert snapshot(out) == before and load_model(out).meta.khead.calibrated
+
+
+@pytest.mark.parametrize("override, change", [
+    ("lora.r=8", "[lora] r: 16 -> 8"),
+    ("lora.target_modules=['q_proj']", '[lora] target_modules: "all-linear" -> ["q_proj"]'),
+    ("lora.scope=all", '[lora] scope: "draft" -> "all"'),
+    ("fluid.max_k=8", "[fluid] max_k: 4 -> 8"),
+    ("train.max_steps=6", "[train] max_steps: 4 -> 6"),
+    ("train.lr=1e-3", "[train] lr: 0.0002 -> 0.001"),
+    ("train.seed=1", "[train] seed: 0 -> 1"),
+    ("train.batch_size=2", "[train] batch_size: 4 -> 2"),
+], ids=lambda v: v.split("=")[0] if "=" in v else None)
+def test_a_resume_that_changes_the_steps_names_the_keys_and_changes_nothing(tmp_path, trained, dataset, override,
+                                                                            change):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    before = snapshot(out)
+    result = fluid("train-stage1", recipe, "--resume", "--set", override, "--set", "train.log_steps=2")
+    line = error_line(result, f"--resume: {out} was trained with another recipe ({change}); resuming would not "
+                              "continue the same run")
+    assert "log_steps" not in line  # allowed, so not among the refused
+    assert snapshot(out) == before
+
+
+def test_a_resume_on_other_data_is_refused_and_moved_data_is_not(tmp_path, trained, dataset):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    before = snapshot(out)
+    other = write_dataset(tmp_path / "other", n=24, seed=1)
+    error_line(fluid("train-stage1", recipe, "--resume", "--set", f"train.dataset={other}"),
+               f"--resume: the prepared dataset {other} is not the one", "resuming would continue on other data")
+    assert snapshot(out) == before
+
+    moved = shutil.copytree(dataset, tmp_path / "moved")
+    result = fluid("train-stage1", recipe, "--resume", "--set", f"train.dataset={moved}", "--set",
+                   "train.save_steps=3")
+    assert result.exit_code == 0, result.output
+    said = next(line for line in result.stderr.splitlines() if line.startswith("resuming with changed "))
+    assert f'[train] dataset: "{dataset}" -> "{moved}"' in said and "[train] save_steps: 2 -> 3" in said
+    assert (out / train.SUMMARY_NAME).is_file()
+
+
+def test_calibrating_on_a_dataset_of_another_tokenizer_is_refused(tmp_path, model_dir, dataset):
+    data = shutil.copytree(dataset, tmp_path / "data")
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(data / "tokenizer")
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    before = snapshot(folder)
+    (tmp_path / "r.toml").write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{data}"\n'
+                                     "steps = 2\n")
+    error_line(fluid("calibrate-khead", tmp_path / "r.toml"),
+               f"{data / 'tokenizer'}: the dataset was tokenized with a different tokenizer than the model in "
+               f"{folder} (1 tokens differ, e.g. '<extra>')")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("source, message", [
+    ('{path="a.jsonl", prefix_tokens=[2, 4]}', "[data] sources[0] prefix_tokens: applies to prompts sampled from "
+                                               "the model (path = \"self\"), not 'a.jsonl'"),
+    ('{path="self", num_samples=4, prompt_format="Q: {prompt}"}',
+     "[data] sources[0] prompt_format: a \"self\" source samples its prompts from the model: it has no rows"),
+    ('{path="self", num_samples=4, format="alpaca"}', "[data] sources[0] format: a \"self\" source samples"),
+    ('{path="self", num_samples=4, prefix_tokens=[4, 64]}',
+     "[data] sources[0] prefix_tokens: prefixes of up to 64 tokens leave no room for a continuation within [data] "
+     "cutoff_len = 64"),
+], ids=["prefix on rows", "prompt_format on self", "format on self", "prefix too long"])
+def test_source_keys_of_the_other_kind_are_refused_by_recipe(tmp_path, source, message):
+    (tmp_path / "r.toml").write_text("[data]\ncutoff_len = 64\n")
+    error_line(fluid("recipe", tmp_path / "r.toml", "--set", f"data.sources=[{source}]"), message)
