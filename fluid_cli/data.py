@@ -36,6 +36,7 @@ from fluid_cli.io import (
     atomic_dir,
     check_output_dir,
     disk_full_is_an_error,
+    output_lock,
     recover_dir,
     staging_dir,
     write_json_atomic,
@@ -60,6 +61,7 @@ from fluid_cli.sources import (
     select_rows,
 )
 
+OUTPUT_KEY = "[data] output_dir"
 HISTOGRAM_BINS = 8
 TOKENIZE_BATCH = 256
 
@@ -71,7 +73,7 @@ def check_settings(data: DataConfig, where: str) -> None:
     and an output folder that can be written."""
     if not data.sources:
         raise FluidError(f"{where}: [data] sources: no sources (add a [[data.sources]] table with a path)")
-    check_output_dir(data.output_dir, "[data] output_dir")
+    check_output_dir(data.output_dir, OUTPUT_KEY)
     reserved = RESERVED_TEMPLATE_KWARGS & set(data.template_kwargs)
     if reserved:
         raise FluidError(f"{where}: [data] template_kwargs: prepare-data sets {', '.join(sorted(reserved))} itself")
@@ -161,7 +163,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
     started = time.perf_counter()
     kept = "the partial output was removed (the previous one is kept)"
-    with disk_full_is_an_error(out, kept), scratch_dir(out) as work:
+    with output_lock(out, OUTPUT_KEY, beside=True), disk_full_is_an_error(out, kept), scratch_dir(out) as work:
         sources = [read_source(src, spec, data, work) for src, spec in zip(text, specs)]
         for src, source in zip(text, sources):
             if not len(source):
@@ -193,7 +195,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
                 cfg.save(tmp)
         except FileExistsError:
             raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
-    regenerate.remove_cache(out)  # the output is complete: an interrupted regeneration needs no resuming
+        regenerate.remove_cache(out)  # the output is complete: an interrupted regeneration needs no resuming
     print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds,
                   regenerated=regenerated)
     return stats
@@ -275,7 +277,7 @@ def probe_first_rows(sources: list[Source], picked: list[np.ndarray], tokenizer:
             continue
         batch = picked_rows(source, idx[:1], work, f"probe-{i}")[:1]
         error = encode_batch(batch, tokenizer, specs[i], source.layout, data.template_kwargs,
-                             data.cutoff_len)["error"][0]
+                             data.cutoff_len, data.regenerate is not None)["error"][0]
         if error:
             place = source.locate([int(idx[0])])[0]
             raise FluidError(f"{place}: {error} ([data] skip_bad_rows = true skips bad rows)")
@@ -303,7 +305,8 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
         # Name the result ourselves: datasets would hash the tokenizer object, which need not hash the same way in
         # every process, and the fingerprint lands in state.json, which must be byte-identical run to run.
         settings = json.dumps([source.identity, digest(np.asarray(idx).tobytes()), source.layout, asdict(spec),
-                               data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer)],
+                               data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer),
+                               data.regenerate is not None],
                               sort_keys=True, default=str)
         num_proc = min(data.num_proc, len(rows))
         parts.append(rows.map(
@@ -313,7 +316,8 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
             remove_columns=rows.column_names,
             features=features,
             fn_kwargs={"tokenizer": tokenizer, "spec": spec, "layout": source.layout,
-                       "template_kwargs": data.template_kwargs, "cutoff_len": data.cutoff_len},
+                       "template_kwargs": data.template_kwargs, "cutoff_len": data.cutoff_len,
+                       "need_prompt": data.regenerate is not None},
             num_proc=num_proc if num_proc > 1 else None,
             cache_file_name=str(work / f"encoded-{i}.arrow"),
             load_from_cache_file=False,

@@ -69,6 +69,25 @@ def check_model_folder(path: str) -> None:
                          "configuration")
 
 
+def model_identity(path: str) -> str:
+    """What names a model's weights, not its path: a digest of every file's bytes in a local model folder (weights,
+    config, tokenizer), so a model replaced at the same path is another model; a hub id is its name (the hub's
+    cache keeps one snapshot per revision). Reads the whole folder once: seconds for a model of gigabytes, next to
+    the hours a regeneration of it takes."""
+    import hashlib
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return path
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 PLAIN_REMEDY = "re-download or re-save the model"
 
 

@@ -36,7 +36,7 @@ import jinja2
 
 from fluid_cli.config import DataConfig, DataSource, without_nulls
 from fluid_cli.errors import FluidError
-from fluid_cli.layout import IGNORE
+from fluid_cli.layout import IGNORE, prompt_of
 from fluid_cli.synthetic import arithmetic_rows
 
 # Roles each format reads. All are required in every row but alpaca's `input` (may be absent or empty) and
@@ -321,9 +321,14 @@ ENCODED_FEATURES = {
 }
 
 
-def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, template_kwargs: dict, cutoff_len: int
-                 ) -> dict[str, list]:
+EMPTY_PROMPT = ("an empty prompt (no token before the trained part, and the tokenizer adds no BOS): nothing for "
+                "[data.regenerate] to continue")
+
+
+def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, template_kwargs: dict, cutoff_len: int,
+                 need_prompt: bool = False) -> dict[str, list]:
     """`datasets.map` function: one source's rows -> input_ids/labels cut at `cutoff_len`, plus bookkeeping.
+    `need_prompt` (self-distillation continues every row's prompt): a row with an empty prompt is a bad row.
 
         >>> from fluid_cli.tokenizer import build_char_tokenizer
         >>> spec = SourceSpec(0, "text", {"text": "text"}, "", "", chat=False)
@@ -348,6 +353,8 @@ def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, tem
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if not error and labels.count(IGNORE) == len(labels):
             drop = "trainable_part_cut" if trainable else "no_trainable_tokens"
+        if need_prompt and not error and not drop and not prompt_of(ids, labels):
+            error = EMPTY_PROMPT
         if drop or error:
             ids, labels = [], []
         for name, value in (("input_ids", ids), ("labels", labels), ("error", error), ("drop", drop),

@@ -915,3 +915,154 @@ def test_calibrating_on_a_dataset_of_another_tokenizer_is_refused(tmp_path, mode
 def test_source_keys_of_the_other_kind_are_refused_by_recipe(tmp_path, source, message):
     (tmp_path / "r.toml").write_text("[data]\ncutoff_len = 64\n")
     error_line(fluid("recipe", tmp_path / "r.toml", "--set", f"data.sources=[{source}]"), message)
+
+
+def regeneration(tmp_path: Path, n: int = 14, regen: str = "") -> str:
+    """A recipe that regenerates `n` rows in chunks of 4 with a tiny model (`tmp_path / "base"`)."""
+    from test_lora import sharp_base
+    from test_regenerate import recipe, rows_file
+
+    return recipe(tmp_path, sharp_base(tmp_path / "base"), sources=rows_file(tmp_path, n), regen=regen)
+
+
+def interrupted_after_two_chunks(monkeypatch, text: str) -> list[int]:
+    """Run the regeneration of `text` until two chunks are cached (then a kill); returns the list the chunks
+    generated from now on are appended to."""
+    from fluid_cli import data, regenerate
+
+    original, calls = regenerate._chunk, []
+
+    def dies_after_two(n, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(n)
+        return original(n, *args)
+
+    monkeypatch.setattr(regenerate, "_chunk", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        data.run(load_recipe_text(text))
+    calls.clear()
+    monkeypatch.setattr(regenerate, "_chunk", lambda n, *args: (calls.append(n), original(n, *args))[1])
+    return calls
+
+
+def test_a_model_replaced_at_its_path_does_not_continue_the_old_models_cache(tmp_path, monkeypatch):
+    from test_lora import sharp_base
+
+    from fluid_cli import data
+
+    text = regeneration(tmp_path)
+    calls = interrupted_after_two_chunks(monkeypatch, text)
+    old_cache = {p.name for p in tmp_path.glob(".out.regen-*")}
+    assert len(old_cache) == 1
+    shutil.rmtree(tmp_path / "base")
+    sharp_base(tmp_path / "base", arch="qwen2")  # another model, the same path
+    data.run(load_recipe_text(text))
+    assert calls == [0, 1, 2, 3]  # nothing of the old model's continuations was reused
+    assert not list(tmp_path.glob(".out.regen-*"))
+
+
+def test_a_damaged_cached_chunk_is_generated_again(tmp_path, monkeypatch, capsys):
+    from test_regenerate import folder_digest
+
+    from fluid_cli import data
+
+    text = regeneration(tmp_path)
+    data.run(load_recipe_text(text))
+    whole = folder_digest(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    calls = interrupted_after_two_chunks(monkeypatch, text)
+    (cache,) = tmp_path.glob(".out.regen-*")
+    (cache / "chunk-0000000.json").write_bytes(b"")  # empty, as a crash of the machine can leave an unsynced file
+    (cache / "chunk-0000001.json").write_text('{"prompts": [[1]], "continuations": [')  # cut short
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    data.run(load_recipe_text(text))
+    assert calls == [0, 1, 2, 3] and len(synced) >= 4  # every chunk reaches the disk before its rename
+    err = capsys.readouterr().err.replace("\n", "")
+    assert f"{cache / 'chunk-0000000.json'}: a damaged cached chunk; generating it again" in err
+    assert folder_digest(tmp_path / "out") == whole
+
+
+def test_a_regeneration_failing_on_a_mistake_leaves_no_cache(tmp_path, monkeypatch):
+    from fluid_cli import data, regenerate
+
+    def mistake(*args):
+        raise FluidError("a mistake")
+
+    monkeypatch.setattr(regenerate, "_chunk", mistake)
+    with pytest.raises(FluidError):
+        data.run(load_recipe_text(regeneration(tmp_path)))
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_a_second_prepare_data_into_the_same_output_fails_at_once(tmp_path):
+    (tmp_path / "r.toml").write_text(regeneration(tmp_path))
+    with io.output_lock(tmp_path / "out", "[data] output_dir", beside=True):
+        error_line(fluid("prepare-data", tmp_path / "r.toml"), f"{tmp_path / 'out'}: another fluid process (pid "
+                                                               f"{os.getpid()}) is writing", "[data] output_dir")
+    assert not list(tmp_path.glob(".out.regen-*")) and not (tmp_path / "out").exists()
+
+
+def test_one_chunk_starts_no_worker_processes(tmp_path, monkeypatch):
+    import multiprocessing
+
+    def no_pool(*args):
+        raise AssertionError("a process pool was started for one chunk")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    (tmp_path / "r.toml").write_text(regeneration(tmp_path, n=3, regen="num_proc = 4"))
+    result = fluid("prepare-data", tmp_path / "r.toml")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_worker_whose_parent_was_killed_exits_quietly(tmp_path):
+    import time
+
+    child = ("import os, sys, time\nfrom fluid_cli.regenerate import _exit_with\n_exit_with(os.getppid())\n"
+             "print(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, "
+                                                     f"'-c', {child!r}])\ntime.sleep(120)\n"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(40):
+        state = Path(f"/proc/{pid}/status")
+        if not state.exists() or "zombie" in state.read_text():
+            break
+        time.sleep(0.25)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the orphaned worker kept running")
+    assert parent.stderr.read() == ""
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_an_empty_prompt_in_a_regeneration_is_a_bad_row(tmp_path, batch_size):
+    from test_lora import sharp_base
+    from test_regenerate import recipe
+
+    from fluid_cli import data
+
+    rows = [{"prompt": "ab", "response": "c"}, {"prompt": "", "response": "c"}, {"prompt": "de", "response": "f"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = recipe(tmp_path, sharp_base(tmp_path / "base"),  # template none: no BOS, no template before the prompt
+                  sources=f'[[data.sources]]\npath = "{tmp_path / "rows.jsonl"}"\nformat = "prompt_response"\n')
+    (tmp_path / "r.toml").write_text(text.replace("batch_size = 4", f"batch_size = {batch_size}"))
+    error_line(fluid("prepare-data", tmp_path / "r.toml"), f"{tmp_path / 'rows.jsonl'}:2: an empty prompt",
+               "nothing for [data.regenerate] to continue", "skip_bad_rows", alone=False)
+    stats = data.run(load_recipe(tmp_path / "r.toml", ["data.skip_bad_rows=true"]))
+    assert stats["dropped"]["bad_row"] == 1 and stats["examples_out"]["train"] == 2
+
+
+def test_every_output_folder_has_the_mode_mkdir_gives(tmp_path):
+    from fluid_cli import data
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                                           f'num_samples = 8\n[data]\noutput_dir = "{tmp_path / "d"}"\n')
+    data.run(load_recipe(tmp_path / "r.toml"))
+    assert (tmp_path / "d").stat().st_mode == probe.stat().st_mode
