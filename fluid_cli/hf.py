@@ -250,7 +250,16 @@ def resolve_mask_token(tokenizer: Any, model: PreTrainedModel, mask_token: str, 
         tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
         token_id, added = tokenizer.convert_tokens_to_ids(mask_token), True
     if token_id >= embedding_rows(model):
-        model.resize_token_embeddings(len(tokenizer))
+        from transformers.utils import logging as hf_logging
+
+        # transformers announces, as a warning on every run, that the new rows start from the old rows' mean and
+        # covariance: the initialisation asked for here, so the notice is held back (errors still show).
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     return int(token_id), added
 
 

@@ -1066,3 +1066,19 @@ def test_every_output_folder_has_the_mode_mkdir_gives(tmp_path):
                                                            f'num_samples = 8\n[data]\noutput_dir = "{tmp_path / "d"}"\n')
     data.run(load_recipe(tmp_path / "r.toml"))
     assert (tmp_path / "d").stat().st_mode == probe.stat().st_mode
+
+
+@pytest.mark.slow
+def test_training_with_an_added_mask_token_prints_no_library_notices(tmp_path, dataset):
+    from test_lora import sharp_base
+
+    base = sharp_base(tmp_path / "base")
+    (tmp_path / "r.toml").write_text(f'[model]\npath = "{base}"\n[fluid]\nmask_token = "<|new_mask|>"\nmax_k = 4\n'
+                                     f'[lora]\nr = 4\n[train]\ndataset = "{dataset}"\noutput_dir = "{tmp_path / "out"}"\n'
+                                     "max_steps = 1\nbatch_size = 2\n")
+    proc = subprocess.run([sys.executable, "-m", "fluid_cli", "train-stage1", str(tmp_path / "r.toml")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert load_model(tmp_path / "out").meta.vocab_size == len(tiny_tokenizer()) + 1  # the token was added
+    assert "multivariate normal" not in proc.stderr and "save_embedding_layers" not in proc.stderr, proc.stderr
