@@ -283,6 +283,25 @@ class Recipe:
         return path
 
 
+def path_source(recipe: Recipe, *keys: str) -> tuple[str, str]:
+    """The value of the first of `keys` (dotted: "khead.model_dir", "train.output_dir") that is set, and how a
+    message names where it came from, so that a path the user never wrote is never reported bare: the key, and
+    whether it is that key's default and which keys before it are unset.
+
+    >>> path_source(Recipe(), "khead.model_dir", "train.output_dir")
+    ('runs/stage1', 'the default of [train] output_dir, as [khead] model_dir is not set')
+    """
+    for n, key in enumerate(keys):
+        table, name = key.split(".")
+        value = getattr(getattr(recipe, table), name)
+        if value is not None or n == len(keys) - 1:
+            break
+    default = next(f.default for f in dataclasses.fields(getattr(recipe, table)) if f.name == name)
+    how = ("the default of " if value == default else "") + f"[{table}] {name}"
+    unset = [f"[{k.split('.')[0]}] {k.split('.')[1]}" for k in keys[:n]]
+    return value, how + (f", as {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set" if unset else "")
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 

@@ -53,7 +53,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from fluid_cli.backbone import NO_MODEL, model_reference, recipe_lm, recipe_tokenizer
-from fluid_cli.config import FluidConfig, Recipe
+from fluid_cli.config import FluidConfig, Recipe, path_source
 from fluid_cli.data import arrow_column, check_prepared_tokenizer, load_prepared, prepared_tokenizer
 from fluid_cli.errors import FluidError
 from fluid_cli.folder import META_NAME, read_meta, save_model
@@ -106,9 +106,9 @@ def preflight(cfg: Recipe, resume: bool) -> list[str]:
     (the recipe's values were checked when it was loaded). Returns the recipe changes a resume may make and makes
     (`fluid_cli.resume`), to be said when the run starts."""
     data = dataset_dir(cfg)
-    where = "[train] dataset" if cfg.train.dataset else "[data] output_dir"
     if not data.is_dir():
-        raise FluidError(f"{where}: dataset folder {data} not found (run `fluid prepare-data` with this recipe first)")
+        raise FluidError(f"{data}: dataset folder not found ({path_source(cfg, 'train.dataset', 'data.output_dir')[1]}"
+                         "); run `fluid prepare-data` with this recipe first")
     if cfg.model.scratch is None and cfg.model.path is None:
         raise FluidError(NO_MODEL)
     if cfg.model.scratch is not None and cfg.lora.enabled:  # only training minds: prepare-data uses the tokenizer
@@ -122,16 +122,17 @@ def preflight(cfg: Recipe, resume: bool) -> list[str]:
                          f"finish, or choose another {OUTPUT_KEY}")
     checkpoint = latest_checkpoint(out)
     summary = out / SUMMARY_NAME  # written last: the run is finished
+    where = path_source(cfg, "train.output_dir")[1]
     if not resume:
         if summary.is_file():
-            raise FluidError(f"{OUTPUT_KEY}: {out} holds a finished run ({finished_run(out)}); remove it or choose "
-                             "another output_dir")
+            raise FluidError(f"{where}: {out} holds a finished run ({finished_run(out)}); remove it or choose "
+                             f"another {OUTPUT_KEY}")
         if checkpoint is not None:
-            raise FluidError(f"{OUTPUT_KEY}: {out} holds an unfinished run (its newest checkpoint is after step "
+            raise FluidError(f"{where}: {out} holds an unfinished run (its newest checkpoint is after step "
                              f"{checkpoint_step(checkpoint)}); pass --resume to continue it, or remove it / choose "
-                             "another output_dir")
+                             f"another {OUTPUT_KEY}")
         if (out / META_NAME).exists():
-            raise FluidError(f"{OUTPUT_KEY}: {out} holds a model; remove it or choose another output_dir")
+            raise FluidError(f"{where}: {out} holds a model; remove it or choose another {OUTPUT_KEY}")
         return []
     allowed = resume_check(cfg, out, checkpoint, read_state(checkpoint) if checkpoint is not None else {}, data)
     if summary.is_file():

@@ -1082,3 +1082,15 @@ def test_training_with_an_added_mask_token_prints_no_library_notices(tmp_path, d
     assert proc.returncode == 0, proc.stderr
     assert load_model(tmp_path / "out").meta.vocab_size == len(tiny_tokenizer()) + 1  # the token was added
     assert "multivariate normal" not in proc.stderr and "save_embedding_layers" not in proc.stderr, proc.stderr
+
+
+def test_a_path_the_recipe_does_not_name_is_reported_with_the_key_it_defaults_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE)
+    error_line(fluid("train-stage1", "r.toml"), "runs/data: dataset folder not found (the default of [data] "
+                                                "output_dir, as [train] dataset is not set)")
+    error_line(fluid("calibrate-khead", "r.toml"), "runs/stage1: model folder not found (the default of [train] "
+                                                   "output_dir, as [khead] model_dir is not set)")
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[train]\noutput_dir = "mine"\n')
+    error_line(fluid("calibrate-khead", "r.toml"), "mine: model folder not found ([train] output_dir, as [khead] "
+                                                   "model_dir is not set)")
