@@ -286,18 +286,21 @@ _backend: TransformersBackend | None = None  # one per process
 
 
 def _init_worker(model: str, cfg: RegenerateConfig, trust_remote_code: bool, threads: int,
-                 worker: bool = True) -> None:
+                 parent: int | None = None) -> None:
+    """Load the model in this process; `parent`: the pid of the process that started this worker."""
     global _backend
-    if worker:
+    if parent is not None:
         # SIGINT reaches the whole process group: the parent alone handles it (and ends the pool); a worker whose
         # parent was killed exits instead of finishing its chunk and failing to hand it back (BrokenPipeError).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _exit_with(os.getppid())
+        _exit_with(parent)
     torch.set_num_threads(threads)
     _backend = TransformersBackend(model, cfg, trust_remote_code)
 
 
 def _exit_with(parent: int) -> None:
+    """Exit this process once `parent` is no longer its parent (it may be gone already: a worker takes seconds
+    to start)."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -314,13 +317,14 @@ def _run_chunks(todo: Iterator[tuple[int, list[Job]]], count: int, folder: Path,
     if procs == 0:
         return
     if procs == 1:
-        _init_worker(model, cfg, trust_remote_code, torch.get_num_threads(), worker=False)
+        _init_worker(model, cfg, trust_remote_code, torch.get_num_threads())
         for n, jobs in todo:
             yield _chunk(n, jobs, folder, cfg, cutoff_len)
         return
     threads = max(1, (os.cpu_count() or 1) // procs)
     context = multiprocessing.get_context("spawn")  # fork would copy a process that may hold OpenMP threads
-    with context.Pool(procs, initializer=_init_worker, initargs=(model, cfg, trust_remote_code, threads)) as pool:
+    with context.Pool(procs, initializer=_init_worker,
+                      initargs=(model, cfg, trust_remote_code, threads, os.getpid())) as pool:
         pending: list[Any] = []
         for n, jobs in todo:  # at most two chunks per process in flight: the jobs are never all in memory
             pending.append(pool.apply_async(_chunk, (n, jobs, folder, cfg, cutoff_len)))

@@ -1020,15 +1020,16 @@ def test_one_chunk_starts_no_worker_processes(tmp_path, monkeypatch):
 def test_a_worker_whose_parent_was_killed_exits_quietly(tmp_path):
     import time
 
-    child = ("import os, sys, time\nfrom fluid_cli.regenerate import _exit_with\n_exit_with(os.getppid())\n"
-             "print(os.getpid(), flush=True)\ntime.sleep(120)\n")
-    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, "
-                                                     f"'-c', {child!r}])\ntime.sleep(120)\n"],
+    # The parent is killed while the worker still starts up (as a pool worker importing torch), before it watches.
+    child = ("import os, sys, time\nprint(os.getpid(), flush=True)\nfrom fluid_cli.regenerate import _exit_with\n"
+             "_exit_with(int(sys.argv[1]))\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, "
+                                                     f"'-c', {child!r}, str(os.getpid())])\ntime.sleep(120)\n"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    for _ in range(40):
+    for _ in range(240):  # (the import takes seconds on a busy machine)
         state = Path(f"/proc/{pid}/status")
         if not state.exists() or "zombie" in state.read_text():
             break
