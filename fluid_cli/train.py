@@ -614,7 +614,8 @@ class NonFinite:
             raise FluidError(
                 f"step {self.total + 1 - mark}: the training loss is not a finite number (nan or inf), so training "
                 "stopped; " + (f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written")
-                + " (lower [train] lr or max_grad_norm, then continue with --resume)")
+                + f"; lower [train] lr or max_grad_norm and train again in another {OUTPUT_KEY} (or remove this "
+                "one): --resume continues the same run, into the same step")
 
 
 def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:

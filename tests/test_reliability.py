@@ -706,7 +706,8 @@ def test_a_loss_that_is_not_finite_stops_training_and_keeps_the_last_checkpoint(
     out = tmp_path / "out"
     result = fluid("train-stage1", train_recipe(tmp_path, dataset))
     error_line(result, "step 3: the training loss is not a finite number",
-               f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is kept", alone=False)
+               f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is kept",
+               "lower [train] lr or max_grad_norm and train again in another [train] output_dir", alone=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert not (out / META_NAME).exists()
     assert all(r["step"] < 3 for r in map(json.loads, (out / train.METRICS_NAME).read_text().splitlines()))
