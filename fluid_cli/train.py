@@ -338,13 +338,18 @@ def checkpoint_step(path: Path) -> int:
     return int(read_state(path)["step"])
 
 
-def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator, world_size: int) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; returns the step it was taken after. (`preflight`
-    compared its recipe and dataset with the run's; the number of processes only the launched run knows.)"""
+def check_world_size(path: Path, world_size: int) -> None:
+    """A checkpoint continues only with as many processes as wrote it (`preflight` compared its recipe and dataset
+    with the run's; the number of processes only the launched run knows)."""
+    written = read_state(path).get("world_size", world_size)
+    if written != world_size:
+        raise FluidError(f"--resume: {path} was written by {written} processes, the run now has {world_size}; "
+                         "resuming would not continue the same run")
+
+
+def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator) -> int:
+    """Restore a checkpoint written by `save_checkpoint`; returns the step it was taken after."""
     state = read_state(path)
-    if state.get("world_size", world_size) != world_size:
-        raise FluidError(f"--resume: {path} was written by {state['world_size']} processes, the run now has "
-                         f"{world_size}; resuming would not continue the same run")
     whole_model_formats = (DistributedType.FSDP, DistributedType.DEEPSPEED)
     acc.load_state(str(path), **({} if acc.distributed_type in whole_model_formats else {"strict": False}))
     layout_rng.set_state(torch.load(path / f"layout_rng_{acc.process_index}.pt"))
@@ -546,9 +551,12 @@ def setup(cfg: Recipe, resume: bool, changed: list[str]) -> Run:
                         t.warmup_ratio)
     check_expanded_len(cfg, train)
     checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None and (done := checkpoint_step(checkpoint)) > sched.total_steps:
-        raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
-                         f"{sched.total_steps} steps ([train] max_steps / epochs); raise them to continue it")
+    if checkpoint is not None:
+        check_world_size(checkpoint, acc.num_processes)
+        if (done := checkpoint_step(checkpoint)) > sched.total_steps:  # a checkpoint of an older version's run
+            raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
+                             f"{sched.total_steps} steps, so it is not this run's; start a new run in another "
+                             f"{OUTPUT_KEY}")
     objective = Stage1Objective(fluid, cfg.fluid)
     optimizer = adamw(objective, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, sched.warmup_steps, sched.total_steps)
@@ -559,7 +567,7 @@ def setup(cfg: Recipe, resume: bool, changed: list[str]) -> Run:
     acc.register_save_state_pre_hook(keep_trainable)
     layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
     run_state = {"world_size": acc.num_processes, "dataset": dataset_identity(dataset_dir(cfg))}
-    start = load_checkpoint(acc, checkpoint, layout_rng, acc.num_processes) if checkpoint is not None else 0
+    start = load_checkpoint(acc, checkpoint, layout_rng) if checkpoint is not None else 0
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)

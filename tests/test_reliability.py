@@ -1096,3 +1096,16 @@ def test_a_path_the_recipe_does_not_name_is_reported_with_the_key_it_defaults_fr
     (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[train]\noutput_dir = "mine"\n')
     error_line(fluid("calibrate-khead", "r.toml"), "mine: model folder not found ([train] output_dir, as [khead] "
                                                    "model_dir is not set)")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("world_size", 2, "step-00000002 was written by 2 processes, the run now has 1"),
+    ("step", 9, "the newest checkpoint is after step 9, beyond the run's 4 steps, so it is not this run's"),
+])
+def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path, trained, dataset, field, value, message):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    state = out / "checkpoints" / "step-00000002" / train.STATE_NAME
+    state.write_text(json.dumps({**json.loads(state.read_text()), field: value}))
+    before = snapshot(out)
+    error_line(fluid("train-stage1", recipe, "--resume"), message, alone=False)
+    assert snapshot(out) == before
