@@ -487,7 +487,7 @@ class Run:
     sched: Schedule
     train: Any  # the prepared dataset's train split
     layout_rng: torch.Generator
-    run_state: dict[str, Any]  # what a checkpoint must agree on to be resumed
+    run_state: dict[str, Any]  # what a checkpoint records of the run besides its recipe (processes, dataset)
     start: int  # the step the run continues after (0: a new run)
     pad_id: int
     noise_ids: torch.Tensor
