@@ -740,7 +740,8 @@ def _source_errors(src: DataSource, at: tuple[str | int, ...], cutoff_len: int
     if src.path != SELF_SOURCE:
         for key in SELF_ONLY_KEYS:
             if getattr(src, key) is not None:
-                yield at + (key,), f"applies to prompts sampled from the model (path = \"{SELF_SOURCE}\"), not {src.path!r}"
+                yield at + (key,), (f"applies to prompts sampled from the model (path = \"{SELF_SOURCE}\"), "
+                                    f"not {src.path!r}")
         return
     for key in TEXT_ONLY_KEYS:
         if getattr(src, key):

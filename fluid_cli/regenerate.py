@@ -20,8 +20,9 @@ disk) to a cache folder next to the output (`.<output>.regen-<key>`, the key a d
 its path, and of every setting and example), so a killed run continues where it stopped and ends with the same
 bytes as an uninterrupted one. `prepare-data` holds the output's lock meanwhile (one run per output). A damaged
 chunk is generated again; the folder is removed when `prepare-data` succeeds, and when a run fails on a mistake
-(or before any chunk was written), since nothing could resume it. The backend is a small class (`TransformersBackend`, transformers' `generate`); an offline
-vLLM backend would be another implementation of `generate`.
+(or before any chunk was written), since nothing could resume it. The backend is a small class
+(`TransformersBackend`, transformers' `generate`); an offline vLLM backend would be another implementation of
+`generate`.
 """
 
 from __future__ import annotations

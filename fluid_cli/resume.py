@@ -8,9 +8,9 @@ run about to start, before any work:
 - refused, in one line naming every changed key: the model (`[model]`), the layout (`[fluid]`), the adapter
   (`[lora]`), what decides the steps in `[train]` (seed, batch size, accumulation, the schedule, clipping, the
   expanded-length cap, gradient checkpointing), `[launch]` but its port, and the dataset's content (it may move:
-  the data is compared, not its path; other paths, such as `[model] path`, are compared as written). The schedule is part of the run: a raised `max_steps` (or `epochs`) would
-  re-plan the cosine schedule mid-run, the learning rate jumping back up from where it had decayed to, which is
-  neither run; a longer run is a new run;
+  the data is compared, not its path; other paths, such as `[model] path`, are compared as written). The schedule
+  is part of the run: a raised `max_steps` (or `epochs`) would re-plan the cosine schedule mid-run, the learning
+  rate jumping back up from where it had decayed to, which is neither run; a longer run is a new run;
 - allowed, and said when the run starts: where and how often the run writes (`CHANGEABLE`), and the tables
   Stage I never reads (`[data]`, whose prepared output is compared instead, `[khead]`, `[generate]`, `[eval]`,
   `[bench]`).

@@ -580,8 +580,8 @@ def setup(cfg: Recipe, resume: bool, changed: list[str]) -> Run:
             + (f", resuming after step {start}" if start else "")
         )
         if changed:
-            console.print(f"resuming with changed {escape('; '.join(changed))} (where and how often the run writes: the "
-                          "steps are the same)", soft_wrap=True)
+            console.print(f"resuming with changed {escape('; '.join(changed))} (where and how often the run "
+                          "writes: the steps are the same)", soft_wrap=True)
     metrics = MetricsLog(out / METRICS_NAME, start, enabled=acc.is_main_process)
     if t.tensorboard:
         acc.init_trackers("stage1")

@@ -840,7 +840,8 @@ def test_eval_prints_no_git_error_and_no_foreign_progress_bars(tmp_path, model_d
 
 def test_resuming_a_finished_calibrated_run_says_so_and_changes_nothing(tmp_path, trained, dataset):
     out, recipe = copy_run(trained, tmp_path, dataset)
-    assert fluid("calibrate-khead", recipe, "--set", "khead.steps=2", "--set", f"khead.dataset={dataset}").exit_code == 0
+    calibrated = fluid("calibrate-khead", recipe, "--set", "khead.steps=2", "--set", f"khead.dataset={dataset}")
+    assert calibrated.exit_code == 0, calibrated.output
     before = snapshot(out)
     result = fluid("train-stage1", recipe, "--resume")
     error_line(result, f"--resume: {out} holds a finished run (4 steps, K-head calibrated): nothing is left to train, "
@@ -1024,9 +1025,10 @@ def test_a_worker_whose_parent_was_killed_exits_quietly(tmp_path):
     # The parent is killed while the worker still starts up (as a pool worker importing torch), before it watches.
     child = ("import os, sys, time\nprint(os.getpid(), flush=True)\nfrom fluid_cli.regenerate import _exit_with\n"
              "_exit_with(int(sys.argv[1]))\ntime.sleep(120)\n")
-    parent = subprocess.Popen([sys.executable, "-c", f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, "
-                                                     f"'-c', {child!r}, str(os.getpid())])\ntime.sleep(120)\n"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    starter = (f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}, "
+               "str(os.getpid())])\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     pid = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
@@ -1065,7 +1067,7 @@ def test_every_output_folder_has_the_mode_mkdir_gives(tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()
     (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
-                                                           f'num_samples = 8\n[data]\noutput_dir = "{tmp_path / "d"}"\n')
+                                     f'num_samples = 8\n[data]\noutput_dir = "{tmp_path / "d"}"\n')
     data.run(load_recipe(tmp_path / "r.toml"))
     assert (tmp_path / "d").stat().st_mode == probe.stat().st_mode
 
@@ -1076,8 +1078,8 @@ def test_training_with_an_added_mask_token_prints_no_library_notices(tmp_path, d
 
     base = sharp_base(tmp_path / "base")
     (tmp_path / "r.toml").write_text(f'[model]\npath = "{base}"\n[fluid]\nmask_token = "<|new_mask|>"\nmax_k = 4\n'
-                                     f'[lora]\nr = 4\n[train]\ndataset = "{dataset}"\noutput_dir = "{tmp_path / "out"}"\n'
-                                     "max_steps = 1\nbatch_size = 2\n")
+                                     f'[lora]\nr = 4\n[train]\ndataset = "{dataset}"\n'
+                                     f'output_dir = "{tmp_path / "out"}"\nmax_steps = 1\nbatch_size = 2\n')
     proc = subprocess.run([sys.executable, "-m", "fluid_cli", "train-stage1", str(tmp_path / "r.toml")],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
