@@ -860,7 +860,8 @@ def test_resuming_a_finished_calibrated_run_says_so_and_changes_nothing(tmp_path
     ("train.lr=1e-3", "[train] lr: 0.0002 -> 0.001"),
     ("train.seed=1", "[train] seed: 0 -> 1"),
     ("train.batch_size=2", "[train] batch_size: 4 -> 2"),
-], ids=lambda v: v.split("=")[0] if "=" in v else None)
+], ids=["lora.r", "lora.target_modules", "lora.scope", "fluid.max_k", "train.max_steps", "train.lr", "train.seed",
+        "train.batch_size"])
 def test_a_resume_that_changes_the_steps_names_the_keys_and_changes_nothing(tmp_path, trained, dataset, override,
                                                                             change):
     out, recipe = interrupted_run(trained, tmp_path, dataset)
@@ -1103,7 +1104,7 @@ def test_a_path_the_recipe_does_not_name_is_reported_with_the_key_it_defaults_fr
 @pytest.mark.parametrize("field, value, message", [
     ("world_size", 2, "step-00000002 was written by 2 processes, the run now has 1"),
     ("step", 9, "the newest checkpoint is after step 9, beyond the run's 4 steps, so it is not this run's"),
-])
+], ids=["processes", "past the end"])
 def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path, trained, dataset, field, value, message):
     out, recipe = interrupted_run(trained, tmp_path, dataset)
     state = out / "checkpoints" / "step-00000002" / train.STATE_NAME
