@@ -34,8 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from fluid_cli.config import KHeadConfig, Recipe, dump_recipe
-from fluid_cli.data import load_prepared
+from fluid_cli.config import KHeadConfig, Recipe, dump_recipe, path_source
+from fluid_cli.data import check_prepared_tokenizer, load_prepared, prepared_tokenizer
 from fluid_cli.errors import FluidError
 from fluid_cli.io import check_output_dir, disk_full_is_an_error, output_lock, staging_dir
 from fluid_cli.folder import KHEAD_NAME, load_model, read_meta, save_khead
@@ -376,7 +376,10 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
             raise FluidError(f"--tau {tau:g}: tau must be a positive number of nats (e.g. 2.8)")
     if taus is not None and len(taus) == 1:
         kc.tau = taus[0]
-    model_dir = Path(kc.model_dir or cfg.train.output_dir)
+    folder, how = path_source(cfg, "khead.model_dir", "train.output_dir")
+    model_dir = Path(folder)
+    if not model_dir.exists():
+        raise FluidError(f"{model_dir}: model folder not found ({how})")
     meta = read_meta(model_dir)
     _check(cfg, meta, model_dir)
     check_output_dir(model_dir, MODEL_KEY)
@@ -386,8 +389,8 @@ def run(cfg: Recipe, taus: list[float] | None = None) -> dict[str, Any]:
 
 def _calibrate(cfg: Recipe, taus: list[float] | None, model_dir: Path, meta: FluidMeta) -> dict[str, Any]:
     kc = cfg.khead
-    data_path = kc.dataset or cfg.data.output_dir
-    data = load_prepared(data_path, hint="run `fluid prepare-data`, or set [khead] dataset")
+    data_path, how = path_source(cfg, "khead.dataset", "data.output_dir")
+    data = load_prepared(data_path, hint=f"{how}; run `fluid prepare-data`, or set [khead] dataset")
     splits = dict(zip(("train", "holdout"), split_examples(len(data), kc.holdout, kc.seed, kc.max_examples)))
 
     from accelerate import Accelerator
@@ -402,6 +405,10 @@ def _calibrate(cfg: Recipe, taus: list[float] | None, model_dir: Path, meta: Flu
     model = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype, accelerator.device),
                        device=accelerator.device, merge=True, attn_implementation=attn)
     model.requires_grad_(False).eval()
+    data_tok = prepared_tokenizer(data_path, meta.trust_remote_code)
+    if data_tok is not None and model.tokenizer is not None:
+        check_prepared_tokenizer(data_path, data_tok, model.tokenizer, f"the model in {model_dir}",
+                                 ignore=(meta.mask_token,))
     report: dict[str, Any] = {
         "model_dir": str(model_dir), "dataset": str(data_path), "objective": kc.objective, "K": meta.max_k,
         "sigma": kc.sigma, "steps": kc.steps, "lr": kc.lr, "batch_size": kc.batch_size, "saved_tau": kc.tau,

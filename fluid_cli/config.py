@@ -296,6 +296,25 @@ class Recipe:
         return path
 
 
+def path_source(recipe: Recipe, *keys: str) -> tuple[str, str]:
+    """The value of the first of `keys` (dotted: "khead.model_dir", "train.output_dir") that is set, and how a
+    message names where it came from, so that a path the user never wrote is never reported bare: the key, and
+    whether it is that key's default and which keys before it are unset.
+
+    >>> path_source(Recipe(), "khead.model_dir", "train.output_dir")
+    ('runs/stage1', 'the default of [train] output_dir, as [khead] model_dir is not set')
+    """
+    for n, key in enumerate(keys):
+        table, name = key.split(".")
+        value = getattr(getattr(recipe, table), name)
+        if value is not None or n == len(keys) - 1:
+            break
+    default = next(f.default for f in dataclasses.fields(getattr(recipe, table)) if f.name == name)
+    how = ("the default of " if value == default else "") + f"[{table}] {name}"
+    unset = [f"[{k.split('.')[0]}] {k.split('.')[1]}" for k in keys[:n]]
+    return value, how + (f", as {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set" if unset else "")
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 
@@ -474,10 +493,10 @@ class _Where:
         if loc is None:
             line = self.line_of(keypath)
             loc = f"{self.file}:{line}" if line else self.file
-        return FluidError(f"{loc}: {_format_keypath(keypath)}: {message}")
+        return FluidError(f"{loc}: {format_keypath(keypath)}: {message}")
 
 
-def _format_keypath(keypath: tuple[str | int, ...]) -> str:
+def format_keypath(keypath: tuple[str | int, ...]) -> str:
     """How the recipe spells a key: `[model.scratch] hidden_size`, `[data] sources[0] path`."""
     if not keypath:
         return "recipe"
@@ -742,10 +761,7 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
             yield (("data", "sources", i, "num_samples"),
                    (f"{src.num_samples:,} synthetic rows are more than the {MAX_SYNTHETIC_SAMPLES:,} generated in "
                     "memory at most; ask for fewer"))
-        if src.prefix_tokens is not None and not (len(src.prefix_tokens) == 2 and 1 <= src.prefix_tokens[0]
-                                                  <= src.prefix_tokens[1]):
-            yield (("data", "sources", i, "prefix_tokens"),
-                   f"expected [min, max] with 1 <= min <= max, got {src.prefix_tokens}")
+        yield from _source_errors(src, ("data", "sources", i), r.data.cutoff_len)
     if r.data.validation >= 1 and r.data.validation != int(r.data.validation):
         yield ("data", "validation"), f"a count (>= 1) must be whole, got {r.data.validation}"
     f = r.fluid
@@ -766,6 +782,34 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
         yield (("train", "max_expanded_len"),
                f"{r.train.max_expanded_len} leaves no room for a block of max_k = {f.max_k} after the tokens")
     yield from _mask_memory_errors(r)
+
+
+# The path of a source whose prompts are sampled from the model itself ([data.regenerate] continues them).
+SELF_SOURCE = "self"
+SELF_ONLY_KEYS = ("prefix_tokens", "prefix_temperature")  # how a "self" source samples its prompts
+TEXT_ONLY_KEYS = ("format", "columns", "prompt_format", "response_format")  # how rows of text become prompts
+
+
+def _source_errors(src: DataSource, at: tuple[str | int, ...], cutoff_len: int
+                   ) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """A source's keys must be ones its kind reads: sampled prompts have no rows to format, rows no prefixes."""
+    if src.path != SELF_SOURCE:
+        rows = repr(src.path) if src.path is not None else f"the registered dataset {src.dataset!r}"
+        for key in SELF_ONLY_KEYS:
+            if getattr(src, key) is not None:
+                yield at + (key,), (f"applies to prompts sampled from the model (path = \"{SELF_SOURCE}\"), "
+                                    f"not {rows}")
+        return
+    for key in TEXT_ONLY_KEYS:
+        if getattr(src, key):
+            yield at + (key,), (f"a \"{SELF_SOURCE}\" source samples its prompts from the model: it has no rows to "
+                                "format; remove the key")
+    lengths = src.prefix_tokens
+    if lengths is not None and not (len(lengths) == 2 and 1 <= lengths[0] <= lengths[1]):
+        yield at + ("prefix_tokens",), f"expected [min, max] with 1 <= min <= max, got {lengths}"
+    elif lengths is not None and lengths[1] >= cutoff_len:
+        yield at + ("prefix_tokens",), (f"prefixes of up to {lengths[1]} tokens leave no room for a continuation "
+                                        f"within [data] cutoff_len = {cutoff_len}; keep max below it")
 
 
 def _mask_memory_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]]:

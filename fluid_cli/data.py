@@ -37,6 +37,7 @@ from fluid_cli.io import (
     atomic_dir,
     check_output_dir,
     disk_full_is_an_error,
+    output_lock,
     recover_dir,
     staging_dir,
     write_json_atomic,
@@ -61,6 +62,7 @@ from fluid_cli.sources import (
     select_rows,
 )
 
+OUTPUT_KEY = "[data] output_dir"
 HISTOGRAM_BINS = 8
 TOKENIZE_BATCH = 256
 
@@ -72,7 +74,7 @@ def check_settings(data: DataConfig, where: str) -> None:
     and an output folder that can be written."""
     if not data.sources:
         raise FluidError(f"{where}: [data] sources: no sources (add a [[data.sources]] table with a path)")
-    check_output_dir(data.output_dir, "[data] output_dir")
+    check_output_dir(data.output_dir, OUTPUT_KEY)
     reserved = RESERVED_TEMPLATE_KWARGS & set(data.template_kwargs)
     if reserved:
         raise FluidError(f"{where}: [data] template_kwargs: prepare-data sets {', '.join(sorted(reserved))} itself")
@@ -124,6 +126,29 @@ def load_prepared(path: str | Path, split: str = "train", hint: str = "run `flui
     return data.select_columns(["input_ids", "labels"])
 
 
+def prepared_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer `prepare-data` saved next to the data (`<dataset>/tokenizer/`), if any."""
+    from fluid_cli.hf import load_tokenizer
+
+    path = Path(folder) / "tokenizer"
+    return load_tokenizer(str(path), trust_remote_code=trust_remote_code) if path.is_dir() else None
+
+
+def check_prepared_tokenizer(folder: str | Path, data_tok: Any, model_tok: Any, model_name: str,
+                             ignore: tuple[str, ...] = ()) -> None:
+    """The token ids of the prepared dataset in `folder` (written with `data_tok`) must mean what the model's
+    tokenizer says they mean (`ignore`: the mask token, which the model may have added). What training and
+    calibration both check before any work."""
+    from fluid_cli.hf import vocab_differences
+
+    differ = vocab_differences(data_tok, model_tok, ignore=ignore)
+    if differ:
+        raise FluidError(
+            f"{Path(folder) / 'tokenizer'}: the dataset was tokenized with a different tokenizer than {model_name} "
+            f"({len(differ)} tokens differ, e.g. {differ[0]!r}); run `fluid prepare-data` with this recipe's model"
+        )
+
+
 def run(cfg: Recipe, overwrite: bool = False) -> dict:
     """Prepare the recipe's `[data]` into `[data] output_dir`; returns the statistics saved as `stats.json`."""
     from fluid_cli.backbone import recipe_tokenizer
@@ -141,7 +166,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
         raise FluidError(f"{out}: output folder exists; pass --overwrite to replace it")
     started = time.perf_counter()
     kept = "the partial output was removed (the previous one is kept)"
-    with disk_full_is_an_error(out, kept), scratch_dir(out) as work:
+    with output_lock(out, OUTPUT_KEY, beside=True), disk_full_is_an_error(out, kept), scratch_dir(out) as work:
         sources = [read_source(src, spec, data, work) for src, spec in zip(text, specs)]
         for src, source in zip(text, sources):
             if not len(source):
@@ -173,7 +198,7 @@ def run(cfg: Recipe, overwrite: bool = False) -> dict:
                 cfg.save(tmp)
         except FileExistsError:
             raise FluidError(f"{out}: output folder appeared while preparing; pass --overwrite to replace it") from None
-    regenerate.remove_cache(out)  # the output is complete: an interrupted regeneration needs no resuming
+        regenerate.remove_cache(out)  # the output is complete: an interrupted regeneration needs no resuming
     print_summary(stats, out, total_seconds=time.perf_counter() - started, tokenize_seconds=tokenize_seconds,
                   regenerated=regenerated)
     return stats
@@ -255,7 +280,7 @@ def probe_first_rows(sources: list[Source], picked: list[np.ndarray], tokenizer:
             continue
         batch = picked_rows(source, idx[:1], work, f"probe-{i}")[:1]
         error = encode_batch(batch, tokenizer, specs[i], source.layout, data.template_kwargs,
-                             data.cutoff_len)["error"][0]
+                             data.cutoff_len, data.regenerate is not None)["error"][0]
         if error:
             place = source.locate([int(idx[0])])[0]
             raise FluidError(f"{place}: {error} ([data] skip_bad_rows = true skips bad rows)")
@@ -283,7 +308,8 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
         # Name the result ourselves: datasets would hash the tokenizer object, which need not hash the same way in
         # every process, and the fingerprint lands in state.json, which must be byte-identical run to run.
         settings = json.dumps([source.identity, digest(np.asarray(idx).tobytes()), source.layout, asdict(spec),
-                               data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer)],
+                               data.template_kwargs, data.cutoff_len, tokenizer_name, len(tokenizer),
+                               data.regenerate is not None],
                               sort_keys=True, default=str)
         num_proc = min(data.num_proc, len(rows))
         parts.append(rows.map(
@@ -293,7 +319,8 @@ def encode(sources: list[Source], picked: list[np.ndarray], tokenizer: Any, spec
             remove_columns=rows.column_names,
             features=features,
             fn_kwargs={"tokenizer": tokenizer, "spec": spec, "layout": source.layout,
-                       "template_kwargs": data.template_kwargs, "cutoff_len": data.cutoff_len},
+                       "template_kwargs": data.template_kwargs, "cutoff_len": data.cutoff_len,
+                       "need_prompt": data.regenerate is not None},
             num_proc=num_proc if num_proc > 1 else None,
             cache_file_name=str(work / f"encoded-{i}.arrow"),
             load_from_cache_file=False,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,10 @@ def save_model(model: FluidModel, folder: str | Path, state_dict: dict[str, torc
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar around the commands' own output
 
     def write(stage: Path) -> None:
-        model.backbone.save_pretrained(stage, state_dict=state_dict)
+        with warnings.catch_warnings():
+            # peft saves the embedding rows of an added mask token, as the folder needs, and warns so on every save
+            warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+            model.backbone.save_pretrained(stage, state_dict=state_dict)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(stage)
         _write_khead(model, stage)

@@ -38,14 +38,19 @@ def read_text(path: Path, what: str) -> str:
         raise FluidError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, then rename it into place."""
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename it into place. `durable`:
+    the bytes reach the disk before the rename, so that a crash of the machine cannot leave an empty file under
+    the final name (what a cache that later runs trust needs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
@@ -53,8 +58,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, durable: bool = False) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable)
 
 
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -82,6 +87,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=staging_prefix(f".{path.name}."), suffix=".tmp"))
     try:
+        os.chmod(tmp, folder_mode())  # mkdtemp makes it 0700; the output is an ordinary folder
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -97,6 +103,14 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_mode() -> int:
+    """The mode `mkdir` gives a new folder (0777 less the umask, 0755 as a rule): every output folder gets it, also
+    one staged through `mkdtemp` (0700) and renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def recover_dir(path: str | Path) -> None:
@@ -280,14 +294,16 @@ def locked_by(folder: str | Path) -> str | None:
 
 
 @contextmanager
-def output_lock(folder: str | Path, key: str) -> Iterator[None]:
+def output_lock(folder: str | Path, key: str, beside: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on the output folder `folder` (a `.fluid.lock` file in it, holding the writer's pid)
     while writing; a second writer fails at once. The lock goes with the process, however it ends; on a normal
-    exit the lock file is removed, and so is the folder if the lock made it and nothing else was written."""
+    exit the lock file is removed, and so is the folder if the lock made it and nothing else was written.
+    `beside`: for a folder replaced whole (`atomic_dir`), the lock file sits next to it, `.<name>.fluid.lock`."""
     folder = Path(folder)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    home = folder.parent if beside else folder
+    created = not home.exists()
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / (f".{folder.name}{LOCK_NAME}" if beside else LOCK_NAME)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -309,7 +325,7 @@ def output_lock(folder: str | Path, key: str) -> Iterator[None]:
         os.close(fd)
         if created:
             with suppress(OSError):  # not empty: it holds outputs
-                folder.rmdir()
+                home.rmdir()
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -273,3 +273,18 @@ def build_expanded_batch(
         noise_ids=noise_ids, max_expanded_len=max_expanded_len, generator=generator,
     )
     return expand_batch(input_ids, labels, attention_mask, plan, mask_token_id)
+
+
+def prompt_of(input_ids: list[int], labels: list[int]) -> list[int]:
+    """The ids before the last trained span: what self-distillation (`fluid_cli.regenerate`) continues.
+
+    >>> prompt_of([1, 5, 6, 7, 8, 9, 2], [-100, -100, 6, 7, -100, 9, 2])
+    [1, 5, 6, 7, 8]
+    """
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE:
+        start -= 1
+    return list(input_ids[:start])

@@ -15,10 +15,14 @@ A `path = "self"` source needs no data: its prompts are prefixes *sampled* from 
 regeneration above. So a base model with no instruction data can be adapted on its own text.
 
 Generation runs in chunks of `batch_size` prompts (left-padded, with the KV cache; `num_proc` processes on a
-CPU). Each finished chunk is written to a cache folder next to the output (`.<output>.regen-<key>`), so a killed run
-continues where it stopped and ends with the same bytes as an uninterrupted one; the folder is removed when
-`prepare-data` succeeds. The backend is a small class (`TransformersBackend`, transformers' `generate`); an offline
-vLLM backend would be another implementation of `generate`.
+CPU, never more than there are chunks to generate). Each finished chunk is written (atomically, and synced to
+disk) to a cache folder next to the output (`.<output>.regen-<key>`, the key a digest of the model's weights, not
+its path, and of every setting and example), so a killed run continues where it stopped and ends with the same
+bytes as an uninterrupted one. `prepare-data` holds the output's lock meanwhile (one run per output). A damaged
+chunk is generated again; the folder is removed when `prepare-data` succeeds, and when a run fails on a mistake
+(or before any chunk was written), since nothing could resume it. The backend is a small class
+(`TransformersBackend`, transformers' `generate`); an offline vLLM backend would be another implementation of
+`generate`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from fluid_cli.config import DataSource, RegenerateConfig
+from fluid_cli.config import SELF_SOURCE, DataSource, RegenerateConfig
 from fluid_cli.errors import FluidError, first_line
 from fluid_cli.hf import (
     check_model_folder,
@@ -49,31 +55,17 @@ from fluid_cli.hf import (
     generate_batch,
     load_causal_lm,
     load_tokenizer,
+    model_identity,
     resolve_device,
     resolve_dtype,
 )
 from fluid_cli.io import write_json_atomic
-from fluid_cli.layout import IGNORE
+from fluid_cli.layout import IGNORE, prompt_of
 from fluid_cli.sources import digest
 
-SELF = "self"  # the source path of prompts sampled from the model
+SELF = SELF_SOURCE  # the source path of prompts sampled from the model
 DEFAULT_PREFIX = (4, 16)  # prefix_tokens of a "self" source
 PROMPT, SAMPLE = "prompt", "sample"  # job kinds: continue a given prompt, or sample a prompt first
-
-
-def prompt_of(input_ids: list[int], labels: list[int]) -> list[int]:
-    """The ids before the last trained span: what the model continues.
-
-    >>> prompt_of([1, 5, 6, 7, 8, 9, 2], [-100, -100, 6, 7, -100, 9, 2])
-    [1, 5, 6, 7, 8]
-    """
-    end = len(labels)
-    while end and labels[end - 1] == IGNORE:
-        end -= 1
-    start = end
-    while start and labels[start - 1] != IGNORE:
-        start -= 1
-    return list(input_ids[:start])
 
 
 @dataclass(frozen=True)
@@ -168,22 +160,32 @@ def regenerate(examples: Any, sources: list[DataSource], cfg: RegenerateConfig, 
     selfs = [(i, s.num_samples, s.prefix_tokens or DEFAULT_PREFIX, s.prefix_temperature or 1.0)
              for i, s in enumerate(sources) if s.path == SELF]
     settings = {"model": model, **{k: v for k, v in asdict(cfg).items() if k not in ("model", "num_proc")}}
-    key = digest(json.dumps([settings, cutoff_len, data_seed, examples._fingerprint, len(examples), selfs]))
+    # The weights' identity, not their path: a model replaced at the same path must not continue another's cache.
+    key = digest(json.dumps([settings, model_identity(model), cutoff_len, data_seed, examples._fingerprint,
+                             len(examples), selfs]))
     folder = cache.parent / f".{cache.name}.regen-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     total = len(examples) + sum(s[1] for s in selfs)
     n_chunks = math.ceil(total / cfg.batch_size)
-    cached = [n for n in range(n_chunks) if (folder / _chunk_name(n)).is_file()]
+    cached = _cached_chunks(folder, n_chunks, [min(cfg.batch_size, total - n * cfg.batch_size)
+                                               for n in range(n_chunks)], console)
     todo = ((n, jobs) for n, jobs in enumerate(_chunks(examples, sources, data_seed, cfg.batch_size))
-            if not (folder / _chunk_name(n)).is_file())
-    with _progress(console) as progress:
-        done = sum(min(cfg.batch_size, total - n * cfg.batch_size) for n in cached)
-        task = progress.add_task("regenerating", total=total, completed=done, rate="")
-        generated = 0
-        for rows, tokens in _run_chunks(todo, folder, model, cfg, cutoff_len, trust_remote_code):
-            generated += tokens
-            elapsed = progress.tasks[0].elapsed or 0.0
-            progress.update(task, advance=rows, rate=f"{generated / elapsed:,.0f} tok/s" if elapsed else "")
+            if n not in cached)
+    try:
+        with _progress(console) as progress:
+            done = sum(min(cfg.batch_size, total - n * cfg.batch_size) for n in cached)
+            task = progress.add_task("regenerating", total=total, completed=done, rate="")
+            generated = 0
+            for rows, tokens in _run_chunks(todo, n_chunks - len(cached), folder, model, cfg, cutoff_len,
+                                            trust_remote_code):
+                generated += tokens
+                elapsed = progress.tasks[0].elapsed or 0.0
+                progress.update(task, advance=rows, rate=f"{generated / elapsed:,.0f} tok/s" if elapsed else "")
+    except BaseException as e:
+        # Kept only for a run that can resume it: a user mistake stops these settings the same way every time.
+        if isinstance(e, FluidError) or not any(folder.glob("chunk-*.json")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
                                   "labels": datasets.List(datasets.Value("int64"))})
@@ -201,6 +203,30 @@ def regenerate(examples: Any, sources: list[DataSource], cfg: RegenerateConfig, 
     counts.settings = settings
     counts.seconds = round(time.perf_counter() - started, 3)
     return out, counts
+
+
+def _cached_chunks(folder: Path, n_chunks: int, sizes: list[int], console: Console) -> set[int]:
+    """The chunks an interrupted run left whole in `folder`. Chunks are written atomically and durably, so a
+    damaged one (empty, cut short, edited) came from outside: it is named, removed and generated again (a chunk
+    is a function of the settings, so the output stays the same)."""
+    for tmp in folder.glob(".chunk-*.tmp"):  # a write a kill cut short
+        tmp.unlink(missing_ok=True)
+    whole = set()
+    for n in range(n_chunks):
+        path = folder / _chunk_name(n)
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_bytes())
+            ok = len(record["prompts"]) == len(record["continuations"]) == sizes[n] and isinstance(record["eos"], list)
+        except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not the chunk's layout
+            ok = False
+        if ok:
+            whole.add(n)
+        else:
+            console.print(f"{path}: a damaged cached chunk; generating it again", soft_wrap=True)
+            path.unlink()
+    return whole
 
 
 def remove_cache(cache: Path) -> None:
@@ -260,39 +286,53 @@ def _chunk_name(n: int) -> str:
 _backend: TransformersBackend | None = None  # one per process
 
 
-def _init_worker(model: str, cfg: RegenerateConfig, trust_remote_code: bool, threads: int) -> None:
+def _init_worker(model: str, cfg: RegenerateConfig, trust_remote_code: bool, threads: int,
+                 parent: int | None = None) -> None:
+    """Load the model in this process; `parent`: the pid of the process that started this worker."""
     global _backend
+    if parent is not None:
+        # SIGINT reaches the whole process group: the parent alone handles it (and ends the pool); a worker whose
+        # parent was killed exits instead of finishing its chunk and failing to hand it back (BrokenPipeError).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _exit_with(parent)
     torch.set_num_threads(threads)
     _backend = TransformersBackend(model, cfg, trust_remote_code)
 
 
-def _run_chunks(todo: Iterator[tuple[int, list[Job]]], folder: Path, model: str, cfg: RegenerateConfig,
+def _exit_with(parent: int) -> None:
+    """Exit this process once `parent` is no longer its parent (it may be gone already: a worker takes seconds
+    to start)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_chunks(todo: Iterator[tuple[int, list[Job]]], count: int, folder: Path, model: str, cfg: RegenerateConfig,
                 cutoff_len: int, trust_remote_code: bool) -> Iterator[tuple[int, int]]:
-    """Generate the chunks not in the cache, here or in `num_proc` processes; yields (rows, tokens) per chunk."""
-    first = next(todo, None)
-    if first is None:
+    """Generate the `count` chunks not in the cache, here or in up to `num_proc` processes (no more than there are
+    chunks); yields (rows, tokens) per chunk."""
+    procs = min(cfg.num_proc, count)
+    if procs == 0:
         return
-    todo = _prepend(first, todo)
-    if cfg.num_proc == 1:
+    if procs == 1:
         _init_worker(model, cfg, trust_remote_code, torch.get_num_threads())
         for n, jobs in todo:
             yield _chunk(n, jobs, folder, cfg, cutoff_len)
         return
-    threads = max(1, (os.cpu_count() or 1) // cfg.num_proc)
+    threads = max(1, (os.cpu_count() or 1) // procs)
     context = multiprocessing.get_context("spawn")  # fork would copy a process that may hold OpenMP threads
-    with context.Pool(cfg.num_proc, initializer=_init_worker, initargs=(model, cfg, trust_remote_code, threads)) as pool:
+    with context.Pool(procs, initializer=_init_worker,
+                      initargs=(model, cfg, trust_remote_code, threads, os.getpid())) as pool:
         pending: list[Any] = []
         for n, jobs in todo:  # at most two chunks per process in flight: the jobs are never all in memory
             pending.append(pool.apply_async(_chunk, (n, jobs, folder, cfg, cutoff_len)))
-            if len(pending) >= 2 * cfg.num_proc:
+            if len(pending) >= 2 * procs:
                 yield pending.pop(0).get()
         for result in pending:
             yield result.get()
-
-
-def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
 
 
 def _chunk(n: int, jobs: list[Job], folder: Path, cfg: RegenerateConfig, cutoff_len: int) -> tuple[int, int]:
@@ -324,7 +364,7 @@ def _chunk(n: int, jobs: list[Job], folder: Path, cfg: RegenerateConfig, cutoff_
         for i, out in zip(order, outs):
             rows[i] = out[: room[i]]
     write_json_atomic(folder / _chunk_name(n), {"prompts": prompts, "continuations": rows,
-                                                "eos": list(backend.eos)})
+                                                "eos": list(backend.eos)}, durable=True)
     return len(jobs), sum(len(r) for r in rows if r is not None)
 
 

@@ -40,7 +40,7 @@ import jinja2
 from fluid_cli import dataset_info
 from fluid_cli.config import DataConfig, DataSource, without_nulls
 from fluid_cli.errors import BadRow, FluidError
-from fluid_cli.layout import IGNORE
+from fluid_cli.layout import IGNORE, prompt_of
 from fluid_cli.synthetic import arithmetic_rows
 
 # Roles each format reads. All are required in every row but alpaca's `input` (may be absent or empty) and
@@ -110,9 +110,6 @@ def source_spec(src: DataSource, index: int, data: DataConfig, where: str) -> So
             raise FluidError(f"{key} {given[0]}: a registered dataset is read as its dataset_info.json entry says")
         e = dataset_info.entry(src.dataset, data, key)
         return SourceSpec(index, e.formatting, e.columns, "", "", chat=data.template == "auto", registered=e)
-    if src.prefix_tokens is not None or src.prefix_temperature is not None:
-        raise FluidError(f"{key}: prefix_tokens and prefix_temperature apply to prompts sampled from the model "
-                         "(path = \"self\")")
     synthetic = src.path.startswith("synthetic:")
     if synthetic and src.path not in SYNTHETIC:
         raise FluidError(f"{key} path: unknown synthetic source {src.path!r} (known: {', '.join(SYNTHETIC)})")
@@ -341,9 +338,14 @@ ENCODED_FEATURES = {
 }
 
 
-def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, template_kwargs: dict, cutoff_len: int
-                 ) -> dict[str, list]:
+EMPTY_PROMPT = ("an empty prompt (no token before the trained part, and the tokenizer adds no BOS): nothing for "
+                "[data.regenerate] to continue")
+
+
+def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, template_kwargs: dict, cutoff_len: int,
+                 need_prompt: bool = False) -> dict[str, list]:
     """`datasets.map` function: one source's rows -> input_ids/labels cut at `cutoff_len`, plus bookkeeping.
+    `need_prompt` (self-distillation continues every row's prompt): a row with an empty prompt is a bad row.
 
         >>> from fluid_cli.tokenizer import build_char_tokenizer
         >>> spec = SourceSpec(0, "text", {"text": "text"}, "", "", chat=False)
@@ -368,6 +370,8 @@ def encode_batch(batch: dict, tokenizer: Any, spec: SourceSpec, layout: str, tem
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if not error and labels.count(IGNORE) == len(labels):
             drop = "trainable_part_cut" if trainable else "no_trainable_tokens"
+        if need_prompt and not error and not drop and not prompt_of(ids, labels):
+            error = EMPTY_PROMPT
         if drop or error:
             ids, labels = [], []
         for name, value in (("input_ids", ids), ("labels", labels), ("error", error), ("drop", drop),

@@ -20,7 +20,9 @@
    `train-summary.json` and `fluid-config.toml` into `[train] output_dir`.
 
 Everything that decides a step (data order, layout draws, dropout) is a function of the seed and the step, and
-all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's losses exactly (CPU, fp32).
+all of it is in a checkpoint, so `--resume` reproduces the uninterrupted run's losses exactly (CPU, fp32). A checkpoint
+also keeps its recipe and the dataset's identity: a resume that would change what a step does is refused, and a
+finished run is not resumed (`fluid_cli.resume`).
 
 A full disk while writing a checkpoint or the model is one line; the partial files are removed.
 """
@@ -44,17 +46,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from fluid_cli.backbone import NO_MODEL, model_reference, recipe_lm, recipe_tokenizer
-from fluid_cli.config import FluidConfig, Recipe
-from fluid_cli.data import arrow_column, load_prepared
+from fluid_cli.config import FluidConfig, Recipe, path_source
+from fluid_cli.data import arrow_column, check_prepared_tokenizer, load_prepared, prepared_tokenizer
 from fluid_cli.errors import FluidError
-from fluid_cli.folder import META_NAME, save_model
-from fluid_cli.hf import hidden_size_of, load_tokenizer, noise_token_ids, resolve_mask_token, vocab_differences
+from fluid_cli.folder import META_NAME, read_meta, save_model
+from fluid_cli.hf import hidden_size_of, noise_token_ids, resolve_mask_token
 from fluid_cli.io import (
     check_output_dir,
     disk_full_error,
@@ -70,6 +73,8 @@ from fluid_cli.khead import KHead
 from fluid_cli.layout import ExpandedBatch, PAD_SLOT, build_expanded_batch, pad_batch
 from fluid_cli.lora import apply_lora
 from fluid_cli.model import FluidMeta, FluidModel, Stage1Loss
+from fluid_cli.resume import check as resume_check
+from fluid_cli.resume import dataset_identity
 
 CHECKPOINTS = "checkpoints"
 METRICS_NAME = "metrics.jsonl"
@@ -98,13 +103,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def preflight(cfg: Recipe, resume: bool) -> None:
+def preflight(cfg: Recipe, resume: bool) -> list[str]:
     """Cheap checks of the inputs, run before launching processes so a mistake is one line, not a traceback per rank
-    (the recipe's values were checked when it was loaded)."""
+    (the recipe's values were checked when it was loaded). Returns the recipe changes a resume may make and makes
+    (`fluid_cli.resume`), to be said when the run starts."""
     data = dataset_dir(cfg)
-    where = "[train] dataset" if cfg.train.dataset else "[data] output_dir"
     if not data.is_dir():
-        raise FluidError(f"{where}: dataset folder {data} not found (run `fluid prepare-data` with this recipe first)")
+        raise FluidError(f"{data}: dataset folder not found ({path_source(cfg, 'train.dataset', 'data.output_dir')[1]}"
+                         "); run `fluid prepare-data` with this recipe first")
     if cfg.model.scratch is None and cfg.model.path is None:
         raise FluidError(NO_MODEL)
     if cfg.model.scratch is not None and cfg.lora.enabled:  # only training minds: prepare-data uses the tokenizer
@@ -116,32 +122,34 @@ def preflight(cfg: Recipe, resume: bool) -> None:
     if holder is not None:
         raise FluidError(f"{out}: another fluid process (pid {holder}) is training into this folder; wait for it to "
                          f"finish, or choose another {OUTPUT_KEY}")
-    if resume and latest_checkpoint(out) is None:
+    checkpoint = latest_checkpoint(out)
+    summary = out / SUMMARY_NAME  # written last: the run is finished
+    where = path_source(cfg, "train.output_dir")[1]
+    if not resume:
+        if summary.is_file():
+            raise FluidError(f"{where}: {out} holds a finished run ({finished_run(out)}); remove it or choose "
+                             f"another {OUTPUT_KEY}")
+        if checkpoint is not None:
+            raise FluidError(f"{where}: {out} holds an unfinished run (its newest checkpoint is after step "
+                             f"{checkpoint_step(checkpoint)}); pass --resume to continue it, or remove it / choose "
+                             f"another {OUTPUT_KEY}")
+        if (out / META_NAME).exists():
+            raise FluidError(f"{where}: {out} holds a model; remove it or choose another {OUTPUT_KEY}")
+        return []
+    allowed = resume_check(cfg, out, checkpoint, read_state(checkpoint) if checkpoint is not None else {}, data)
+    if summary.is_file():
+        raise FluidError(f"--resume: {out} holds a finished run ({finished_run(out)}): nothing is left to train, "
+                         f"and nothing was changed; a longer run is a new run in another {OUTPUT_KEY}")
+    if checkpoint is None:
         raise FluidError(f"--resume: no checkpoint in {out / CHECKPOINTS} to resume from")
-    if not resume and (latest_checkpoint(out) is not None or (out / META_NAME).exists()):
-        raise FluidError(
-            f"[train] output_dir: {out} already holds a run; pass --resume to continue it, "
-            "or remove it / choose another output_dir"
-        )
+    return allowed
 
 
-def dataset_tokenizer(cfg: Recipe) -> Any | None:
-    """The tokenizer `prepare-data` saved next to the data (`<dataset>/tokenizer/`), if any."""
-    folder = dataset_dir(cfg) / "tokenizer"
-    if not folder.is_dir():
-        return None
-    return load_tokenizer(str(folder), trust_remote_code=cfg.model.trust_remote_code)
-
-
-def check_same_vocabulary(data_tok: Any, model_tok: Any, cfg: Recipe) -> None:
-    """The data's token ids must mean what the model's tokenizer says they mean (the mask token aside)."""
-    differ = vocab_differences(data_tok, model_tok, ignore=(cfg.fluid.mask_token,))
-    if differ:
-        raise FluidError(
-            f"{dataset_dir(cfg) / 'tokenizer'}: the dataset was tokenized with a different tokenizer than "
-            f"[model] {cfg.model.tokenizer or cfg.model.path} ({len(differ)} tokens differ, e.g. {differ[0]!r}); "
-            "run `fluid prepare-data` with this recipe's model"
-        )
+def finished_run(out: Path) -> str:
+    """What a finished run in `out` did, for a message: its steps, and whether its K-head was calibrated since."""
+    steps = json.loads((out / SUMMARY_NAME).read_text()).get("steps")
+    calibrated = (out / META_NAME).is_file() and read_meta(out).khead.calibrated
+    return f"{steps} steps" + (", K-head calibrated" if calibrated else "")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -149,7 +157,7 @@ def check_same_vocabulary(data_tok: Any, model_tok: Any, cfg: Recipe) -> None:
 
 def build_model(cfg: Recipe) -> FluidModel:
     """The model to train: backbone (pretrained or scratch), mask token, LoRA or full weights, untrained K-head."""
-    data_tok = dataset_tokenizer(cfg)
+    data_tok = prepared_tokenizer(dataset_dir(cfg), cfg.model.trust_remote_code)
     if cfg.model.scratch is not None:
         tokenizer = data_tok if data_tok is not None else recipe_tokenizer(cfg.model)
         lm = recipe_lm(cfg.model, tokenizer)
@@ -158,7 +166,8 @@ def build_model(cfg: Recipe) -> FluidModel:
         tokenizer = recipe_tokenizer(cfg.model)
         lm = recipe_lm(cfg.model, tokenizer)
         if data_tok is not None:
-            check_same_vocabulary(data_tok, tokenizer, cfg)
+            check_prepared_tokenizer(dataset_dir(cfg), data_tok, tokenizer,
+                                     f"[model] {cfg.model.tokenizer or cfg.model.path}", ignore=(cfg.fluid.mask_token,))
             tokenizer = data_tok  # it carries the chat template the data was rendered with
         base_model = model_reference(cfg.model.path)
     mask_id, _ = resolve_mask_token(tokenizer, lm, cfg.fluid.mask_token, cfg.fluid.add_mask_token)
@@ -288,9 +297,10 @@ def keep_trainable(models: list[nn.Module], weights: list[dict], output_dir: str
 
 
 def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Generator, state: dict,
-                    limit: int) -> None:
+                    limit: int, cfg: Recipe) -> None:
     """Write `checkpoints/step-N` through a hidden temporary folder, then prune to the newest `limit`. On any
-    error (a full disk, SIGINT) the temporary folder is removed; the older checkpoints stay."""
+    error (a full disk, SIGINT) the temporary folder is removed; the older checkpoints stay. The checkpoint keeps
+    the recipe it was written under, which a resume must keep (`fluid_cli.resume`)."""
     final = out / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if acc.is_main_process:
@@ -302,6 +312,7 @@ def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Ge
         torch.save(layout_rng.get_state(), tmp / f"layout_rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            cfg.save(tmp)
             write_json_atomic(tmp / STATE_NAME, state)
     except BaseException as e:
         full = isinstance(e, Exception) and is_disk_full(e, tmp.parent)  # before the cleanup frees the space
@@ -319,20 +330,28 @@ def save_checkpoint(acc: Accelerator, out: Path, step: int, layout_rng: torch.Ge
     acc.wait_for_everyone()
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's `trainer_state.json`: its step, the run's shape, the dataset's identity."""
+    return json.loads((path / STATE_NAME).read_text())
+
+
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint was taken after."""
-    return int(json.loads((path / STATE_NAME).read_text())["step"])
+    return int(read_state(path)["step"])
 
 
-def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator, expected: dict) -> int:
+def check_world_size(path: Path, world_size: int) -> None:
+    """A checkpoint continues only with as many processes as wrote it (`preflight` compared its recipe and dataset
+    with the run's; the number of processes only the launched run knows)."""
+    written = read_state(path).get("world_size", world_size)
+    if written != world_size:
+        raise FluidError(f"--resume: {path} was written by {written} processes, the run now has {world_size}; "
+                         "resuming would not continue the same run")
+
+
+def load_checkpoint(acc: Accelerator, path: Path, layout_rng: torch.Generator) -> int:
     """Restore a checkpoint written by `save_checkpoint`; returns the step it was taken after."""
-    state = json.loads((path / STATE_NAME).read_text())
-    for key in ("world_size", "batch_size", "grad_accum", "seed", "lora_scope"):
-        if state.get(key, expected[key]) != expected[key]:
-            raise FluidError(
-                f"--resume: {path} was written with {key} = {state[key]}, the run now has {expected[key]}; "
-                "resuming would not continue the same run"
-            )
+    state = read_state(path)
     whole_model_formats = (DistributedType.FSDP, DistributedType.DEEPSPEED)
     acc.load_state(str(path), **({} if acc.distributed_type in whole_model_formats else {"strict": False}))
     layout_rng.set_state(torch.load(path / f"layout_rng_{acc.process_index}.pt"))
@@ -470,7 +489,7 @@ class Run:
     sched: Schedule
     train: Any  # the prepared dataset's train split
     layout_rng: torch.Generator
-    run_state: dict[str, Any]  # what a checkpoint must agree on to be resumed
+    run_state: dict[str, Any]  # what a checkpoint records of the run besides its recipe (processes, dataset)
     start: int  # the step the run continues after (0: a new run)
     pad_id: int
     noise_ids: torch.Tensor
@@ -484,10 +503,10 @@ class Run:
 
 def run(cfg: Recipe, resume: bool = False) -> Path:
     """Train Stage I as the recipe says and write the FLUID model folder; returns its path."""
-    preflight(cfg, resume)
+    changed = preflight(cfg, resume)
     out = Path(cfg.train.output_dir)
     with writing(out), disk_full_is_an_error(out):
-        state = setup(cfg, resume)
+        state = setup(cfg, resume, changed)
         totals, last = loop(state)
         save_final(state, totals, last)
     if cfg.train.tensorboard:
@@ -515,9 +534,9 @@ def writing(out: Path) -> Iterator[None]:
         yield
 
 
-def setup(cfg: Recipe, resume: bool) -> Run:
+def setup(cfg: Recipe, resume: bool, changed: list[str]) -> Run:
     """The accelerator, model, optimizer, schedule and data order; restored from the newest checkpoint when
-    resuming. The output folder gets the resolved recipe."""
+    resuming (`changed`: the recipe changes the resume makes). The output folder gets the resolved recipe."""
     hf_logging.disable_progress_bar()  # the loop has its own progress display
     out = Path(cfg.train.output_dir)
     acc = make_accelerator(cfg)
@@ -534,9 +553,12 @@ def setup(cfg: Recipe, resume: bool) -> Run:
                         t.warmup_ratio)
     check_expanded_len(cfg, train)
     checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None and (done := checkpoint_step(checkpoint)) > sched.total_steps:
-        raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
-                         f"{sched.total_steps} steps ([train] max_steps / epochs); raise them to continue it")
+    if checkpoint is not None:
+        check_world_size(checkpoint, acc.num_processes)
+        if (done := checkpoint_step(checkpoint)) > sched.total_steps:  # a checkpoint of an older version's run
+            raise FluidError(f"--resume: the newest checkpoint is after step {done}, beyond the run's "
+                             f"{sched.total_steps} steps, so it is not this run's; start a new run in another "
+                             f"{OUTPUT_KEY}")
     objective = Stage1Objective(fluid, cfg.fluid)
     optimizer = adamw(objective, cfg)
     scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, sched.warmup_steps, sched.total_steps)
@@ -546,9 +568,8 @@ def setup(cfg: Recipe, resume: bool) -> Run:
     acc.register_for_checkpointing(scheduler)
     acc.register_save_state_pre_hook(keep_trainable)
     layout_rng = torch.Generator().manual_seed(t.seed + 10_000 * acc.process_index)  # each rank draws its own blocks
-    run_state = {"world_size": acc.num_processes, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                 "seed": t.seed, "lora_scope": fluid.meta.lora_scope}
-    start = load_checkpoint(acc, checkpoint, layout_rng, run_state) if checkpoint is not None else 0
+    run_state = {"world_size": acc.num_processes, "dataset": dataset_identity(dataset_dir(cfg))}
+    start = load_checkpoint(acc, checkpoint, layout_rng) if checkpoint is not None else 0
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
@@ -560,6 +581,9 @@ def setup(cfg: Recipe, resume: bool) -> Run:
             + (f", lora scope {fluid.meta.lora_scope}" if fluid.meta.lora_scope else "")
             + (f", resuming after step {start}" if start else "")
         )
+        if changed:
+            console.print(f"resuming with changed {escape('; '.join(changed))} (where and how often the run "
+                          "writes: the steps are the same)", soft_wrap=True)
     metrics = MetricsLog(out / METRICS_NAME, start, enabled=acc.is_main_process)
     if t.tensorboard:
         acc.init_trackers("stage1")
@@ -600,7 +624,8 @@ class NonFinite:
             raise FluidError(
                 f"step {self.total + 1 - mark}: the training loss is not a finite number (nan or inf), so training "
                 "stopped; " + (f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written")
-                + " (lower [train] lr or max_grad_norm, then continue with --resume)")
+                + f"; lower [train] lr or max_grad_norm and train again in another {OUTPUT_KEY} (or remove this "
+                "one): --resume continues the same run, into the same step")
 
 
 def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
@@ -656,7 +681,7 @@ def loop(r: Run) -> tuple[dict[str, float], dict[str, Any]]:
                 finite.check(r.out)
                 save_checkpoint(acc, r.out, step, r.layout_rng, {**r.run_state, "step": step,
                                 "micro_batches": step * t.grad_accum, "total_steps": sched.total_steps},
-                                t.save_total_limit)
+                                t.save_total_limit, cfg)
     finite.check(r.out)
     return totals, last
 

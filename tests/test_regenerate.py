@@ -220,7 +220,7 @@ def test_sampling_is_seeded(tmp_path):
     ("self without regenerate", "add a [data.regenerate] table"),
     ("self with weight", "a \"self\" source needs num_samples"),
     ("prefix", "prefix_tokens: expected [min, max]"),
-    ("prefix on data", "prefix_tokens and prefix_temperature apply to prompts sampled from the model"),
+    ("prefix on data", "prefix_temperature: applies to prompts sampled from the model"),
 ])
 def test_bad_input_is_one_line(tmp_path, case, message):
     base = sharp_base(tmp_path / "base")

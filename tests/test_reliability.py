@@ -103,6 +103,15 @@ def copy_run(trained: Path, tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
     return out, train_recipe(tmp_path, dataset, out=out)
 
 
+def interrupted_run(trained: Path, tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
+    """A copy of the finished run as a kill after its final save but before its summary leaves it: the model is
+    there, the run is not finished, and `--resume` trains steps 3 and 4 again from the step-2 checkpoint."""
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    (out / train.SUMMARY_NAME).unlink()
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    return out, recipe
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A FLUID model folder (full weights, K = 4), never changed: tests copy it."""
@@ -537,12 +546,12 @@ def test_a_second_calibration_of_a_model_folder_fails_at_once(tmp_path, model_di
 
 def test_staging_a_killed_run_left_is_removed_by_the_next_run(tmp_path, trained, dataset, model_dir):
     pid = dead_pid()
-    out, recipe = copy_run(trained, tmp_path, dataset)
-    stale = [out / "checkpoints" / ".step-00000006.tmp", out / f".staging.{pid}.abc"]
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    stale = [out / "checkpoints" / ".step-00000004.tmp", out / f".staging.{pid}.abc"]
     for folder in stale:
         folder.mkdir()
         (folder / "partial.bin").write_bytes(b"x" * 100)
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
+    result = fluid("train-stage1", recipe, "--resume")
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in stale)
     load_model(out)
@@ -575,7 +584,7 @@ def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_folder_back(tmp
 
 
 def test_sigint_removes_the_staging_folders(tmp_path, trained, dataset, model_dir, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     from accelerate import Accelerator
 
     def interrupted(self, output_dir, **kwargs):
@@ -584,7 +593,7 @@ def test_sigint_removes_the_staging_folders(tmp_path, trained, dataset, model_di
 
     monkeypatch.setattr(Accelerator, "save_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.run(load_recipe_text(recipe.read_text(), ["train.max_steps=6"]), resume=True)
+        train.run(load_recipe_text(recipe.read_text()), resume=True)
     assert not list((out / "checkpoints").glob(".step-*")) and load_model(out).max_k == 4
     monkeypatch.undo()
 
@@ -636,22 +645,22 @@ def writes_then_no_space(target_of):
 
 
 def test_a_full_disk_during_a_checkpoint(tmp_path, trained, dataset, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     from accelerate import Accelerator
 
     monkeypatch.setattr(Accelerator, "save_state", writes_then_no_space(lambda self, output_dir, **k: output_dir))
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=6")
-    error_line(result, "the disk is full", "the partial checkpoint .step-00000006.tmp was removed", alone=False)
+    result = fluid("train-stage1", recipe, "--resume")
+    error_line(result, "the disk is full", "the partial checkpoint .step-00000004.tmp was removed", alone=False)
     assert not list((out / "checkpoints").glob(".step-*"))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-    assert load_model(out).max_k == 4  # the finished model is kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert load_model(out).max_k == 4  # the model is kept
 
 
 def test_a_full_disk_during_the_final_save(tmp_path, trained, dataset, monkeypatch):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
     before = (out / "model.safetensors").read_bytes()
     monkeypatch.setattr("fluid_cli.folder._write_khead", writes_then_no_space(lambda model, stage: stage))
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=5", "--set", "train.save_steps=10")
+    result = fluid("train-stage1", recipe, "--resume", "--set", "train.save_steps=10")
     error_line(result, f"{out}: the disk is full", "the partial output was removed", alone=False)
     assert not list(out.glob(".staging*")) and (out / "model.safetensors").read_bytes() == before
     load_model(out)
@@ -697,18 +706,11 @@ def test_a_loss_that_is_not_finite_stops_training_and_keeps_the_last_checkpoint(
     out = tmp_path / "out"
     result = fluid("train-stage1", train_recipe(tmp_path, dataset))
     error_line(result, "step 3: the training loss is not a finite number",
-               f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is kept", alone=False)
+               f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is kept",
+               "lower [train] lr or max_grad_norm and train again in another [train] output_dir", alone=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert not (out / META_NAME).exists()
     assert all(r["step"] < 3 for r in map(json.loads, (out / train.METRICS_NAME).read_text().splitlines()))
-
-
-def test_resuming_past_the_end_of_the_run_is_refused(tmp_path, trained, dataset):
-    out, recipe = copy_run(trained, tmp_path, dataset)
-    before = snapshot(out)
-    result = fluid("train-stage1", recipe, "--resume", "--set", "train.max_steps=2")
-    error_line(result, "--resume: the newest checkpoint is after step 4, beyond the run's 2 steps", alone=False)
-    assert snapshot(out) == before
 
 
 def test_a_max_expanded_len_without_room_for_a_block(tmp_path, dataset):
@@ -763,12 +765,11 @@ def test_a_kill_at_the_final_save_leaves_a_usable_model(tmp_path, dataset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["writing", "moving"])
-def test_a_kill_while_resuming_a_finished_run_leaves_a_usable_model(tmp_path, trained, dataset, where):
-    out, recipe = copy_run(trained, tmp_path, dataset)
+def test_a_kill_while_resuming_a_run_leaves_a_usable_model(tmp_path, trained, dataset, where):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    save_model(tiny_fluid_model(max_k=4, seed=1), out)  # other weights than the resumed run writes again
     old = (out / "model.safetensors").read_bytes()
-    # (step 5 runs at the finished run's last learning rate, 0: step 6 is the first to change the weights)
-    killed_at_save(where, "train-stage1", recipe, "--resume", "--set", "train.max_steps=6", "--set",
-                   "train.save_steps=10")
+    killed_at_save(where, "train-stage1", recipe, "--resume", "--set", "train.save_steps=10")
     load_model(out)  # the old model (killed while writing) or the new one (killed while moving)
     assert ((out / "model.safetensors").read_bytes() == old) == (where == "writing")
     assert not list(out.glob(".staging*"))
@@ -1137,3 +1138,283 @@ def test_no_warning_about_sequences_longer_than_model_max_length(tmp_path, caplo
     assert "Token indices sequence length" not in caplog.text
     AutoTokenizer.from_pretrained(tmp_path)("x" * 20)  # transformers' own loading does warn
     assert "Token indices sequence length" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------- issue 23, part A
+# training, data preparation, calibration
+
+
+def test_resuming_a_finished_calibrated_run_says_so_and_changes_nothing(tmp_path, trained, dataset):
+    out, recipe = copy_run(trained, tmp_path, dataset)
+    calibrated = fluid("calibrate-khead", recipe, "--set", "khead.steps=2", "--set", f"khead.dataset={dataset}")
+    assert calibrated.exit_code == 0, calibrated.output
+    before = snapshot(out)
+    result = fluid("train-stage1", recipe, "--resume")
+    error_line(result, f"--resume: {out} holds a finished run (4 steps, K-head calibrated): nothing is left to train, "
+                       "and nothing was changed")
+    again = error_line(fluid("train-stage1", recipe), "holds a finished run (4 steps, K-head calibrated)")
+    assert "--resume" not in again  # the advice for a finished run is advice that works
+    assert snapshot(out) == before and load_model(out).meta.khead.calibrated
+
+
+@pytest.mark.parametrize("override, change", [
+    ("lora.r=8", "[lora] r: 16 -> 8"),
+    ("lora.target_modules=['q_proj']", '[lora] target_modules: "all-linear" -> ["q_proj"]'),
+    ("lora.scope=all", '[lora] scope: "draft" -> "all"'),
+    ("fluid.max_k=8", "[fluid] max_k: 4 -> 8"),
+    ("train.max_steps=6", "[train] max_steps: 4 -> 6"),
+    ("train.lr=1e-3", "[train] lr: 0.0002 -> 0.001"),
+    ("train.seed=1", "[train] seed: 0 -> 1"),
+    ("train.batch_size=2", "[train] batch_size: 4 -> 2"),
+], ids=["lora.r", "lora.target_modules", "lora.scope", "fluid.max_k", "train.max_steps", "train.lr", "train.seed",
+        "train.batch_size"])
+def test_a_resume_that_changes_the_steps_names_the_keys_and_changes_nothing(tmp_path, trained, dataset, override,
+                                                                            change):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    before = snapshot(out)
+    result = fluid("train-stage1", recipe, "--resume", "--set", override, "--set", "train.log_steps=2")
+    line = error_line(result, f"--resume: {out} was trained with another recipe ({change}); resuming would not "
+                              "continue the same run")
+    assert "log_steps" not in line  # allowed, so not among the refused
+    assert snapshot(out) == before
+
+
+def test_a_resume_on_other_data_is_refused_and_moved_data_is_not(tmp_path, trained, dataset):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    before = snapshot(out)
+    other = write_dataset(tmp_path / "other", n=24, seed=1)
+    error_line(fluid("train-stage1", recipe, "--resume", "--set", f"train.dataset={other}"),
+               f"--resume: the prepared dataset {other} is not the one", "resuming would continue on other data")
+    assert snapshot(out) == before
+
+    moved = shutil.copytree(dataset, tmp_path / "moved")
+    result = fluid("train-stage1", recipe, "--resume", "--set", f"train.dataset={moved}", "--set",
+                   "train.save_steps=3")
+    assert result.exit_code == 0, result.output
+    said = next(line for line in result.stderr.splitlines() if line.startswith("resuming with changed "))
+    assert f'[train] dataset: "{dataset}" -> "{moved}"' in said and "[train] save_steps: 2 -> 3" in said
+    assert (out / train.SUMMARY_NAME).is_file()
+
+
+def test_calibrating_on_a_dataset_of_another_tokenizer_is_refused(tmp_path, model_dir, dataset):
+    data = shutil.copytree(dataset, tmp_path / "data")
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(data / "tokenizer")
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    before = snapshot(folder)
+    (tmp_path / "r.toml").write_text(f'[fluid]\nmax_k = 4\n[khead]\nmodel_dir = "{folder}"\ndataset = "{data}"\n'
+                                     "steps = 2\n")
+    error_line(fluid("calibrate-khead", tmp_path / "r.toml"),
+               f"{data / 'tokenizer'}: the dataset was tokenized with a different tokenizer than the model in "
+               f"{folder} (1 tokens differ, e.g. '<extra>')")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("source, message", [
+    ('{path="a.jsonl", prefix_tokens=[2, 4]}', "[data] sources[0] prefix_tokens: applies to prompts sampled from "
+                                               "the model (path = \"self\"), not 'a.jsonl'"),
+    ('{path="self", num_samples=4, prompt_format="Q: {prompt}"}',
+     "[data] sources[0] prompt_format: a \"self\" source samples its prompts from the model: it has no rows"),
+    ('{path="self", num_samples=4, format="alpaca"}', "[data] sources[0] format: a \"self\" source samples"),
+    ('{path="self", num_samples=4, prefix_tokens=[4, 64]}',
+     "[data] sources[0] prefix_tokens: prefixes of up to 64 tokens leave no room for a continuation within [data] "
+     "cutoff_len = 64"),
+], ids=["prefix on rows", "prompt_format on self", "format on self", "prefix too long"])
+def test_source_keys_of_the_other_kind_are_refused_by_recipe(tmp_path, source, message):
+    (tmp_path / "r.toml").write_text("[data]\ncutoff_len = 64\n")
+    error_line(fluid("recipe", tmp_path / "r.toml", "--set", f"data.sources=[{source}]"), message)
+
+
+def regeneration(tmp_path: Path, n: int = 14, regen: str = "") -> str:
+    """A recipe that regenerates `n` rows in chunks of 4 with a tiny model (`tmp_path / "base"`)."""
+    from test_lora import sharp_base
+    from test_regenerate import recipe, rows_file
+
+    return recipe(tmp_path, sharp_base(tmp_path / "base"), sources=rows_file(tmp_path, n), regen=regen)
+
+
+def interrupted_after_two_chunks(monkeypatch, text: str) -> list[int]:
+    """Run the regeneration of `text` until two chunks are cached (then a kill); returns the list the chunks
+    generated from now on are appended to."""
+    from fluid_cli import data, regenerate
+
+    original, calls = regenerate._chunk, []
+
+    def dies_after_two(n, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(n)
+        return original(n, *args)
+
+    monkeypatch.setattr(regenerate, "_chunk", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        data.run(load_recipe_text(text))
+    calls.clear()
+    monkeypatch.setattr(regenerate, "_chunk", lambda n, *args: (calls.append(n), original(n, *args))[1])
+    return calls
+
+
+def test_a_model_replaced_at_its_path_does_not_continue_the_old_models_cache(tmp_path, monkeypatch):
+    from test_lora import sharp_base
+
+    from fluid_cli import data
+
+    text = regeneration(tmp_path)
+    calls = interrupted_after_two_chunks(monkeypatch, text)
+    old_cache = {p.name for p in tmp_path.glob(".out.regen-*")}
+    assert len(old_cache) == 1
+    shutil.rmtree(tmp_path / "base")
+    sharp_base(tmp_path / "base", arch="qwen2")  # another model, the same path
+    data.run(load_recipe_text(text))
+    assert calls == [0, 1, 2, 3]  # nothing of the old model's continuations was reused
+    assert not list(tmp_path.glob(".out.regen-*"))
+
+
+def test_a_damaged_cached_chunk_is_generated_again(tmp_path, monkeypatch, capsys):
+    from test_regenerate import folder_digest
+
+    from fluid_cli import data
+
+    text = regeneration(tmp_path)
+    data.run(load_recipe_text(text))
+    whole = folder_digest(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    calls = interrupted_after_two_chunks(monkeypatch, text)
+    (cache,) = tmp_path.glob(".out.regen-*")
+    (cache / "chunk-0000000.json").write_bytes(b"")  # empty, as a crash of the machine can leave an unsynced file
+    (cache / "chunk-0000001.json").write_text('{"prompts": [[1]], "continuations": [')  # cut short
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    data.run(load_recipe_text(text))
+    assert calls == [0, 1, 2, 3] and len(synced) >= 4  # every chunk reaches the disk before its rename
+    err = capsys.readouterr().err.replace("\n", "")
+    assert f"{cache / 'chunk-0000000.json'}: a damaged cached chunk; generating it again" in err
+    assert folder_digest(tmp_path / "out") == whole
+
+
+def test_a_regeneration_failing_on_a_mistake_leaves_no_cache(tmp_path, monkeypatch):
+    from fluid_cli import data, regenerate
+
+    def mistake(*args):
+        raise FluidError("a mistake")
+
+    monkeypatch.setattr(regenerate, "_chunk", mistake)
+    with pytest.raises(FluidError):
+        data.run(load_recipe_text(regeneration(tmp_path)))
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_a_second_prepare_data_into_the_same_output_fails_at_once(tmp_path):
+    (tmp_path / "r.toml").write_text(regeneration(tmp_path))
+    with io.output_lock(tmp_path / "out", "[data] output_dir", beside=True):
+        error_line(fluid("prepare-data", tmp_path / "r.toml"), f"{tmp_path / 'out'}: another fluid process (pid "
+                                                               f"{os.getpid()}) is writing", "[data] output_dir")
+    assert not list(tmp_path.glob(".out.regen-*")) and not (tmp_path / "out").exists()
+
+
+def test_one_chunk_starts_no_worker_processes(tmp_path, monkeypatch):
+    import multiprocessing
+
+    def no_pool(*args):
+        raise AssertionError("a process pool was started for one chunk")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    (tmp_path / "r.toml").write_text(regeneration(tmp_path, n=3, regen="num_proc = 4"))
+    result = fluid("prepare-data", tmp_path / "r.toml")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_worker_whose_parent_was_killed_exits_quietly(tmp_path):
+    import time
+
+    # The parent is killed while the worker still starts up (as a pool worker importing torch), before it watches.
+    child = ("import os, sys, time\nprint(os.getpid(), flush=True)\nfrom fluid_cli.regenerate import _exit_with\n"
+             "_exit_with(int(sys.argv[1]))\ntime.sleep(120)\n")
+    starter = (f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}, "
+               "str(os.getpid())])\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(240):  # (the import takes seconds on a busy machine)
+        state = Path(f"/proc/{pid}/status")
+        if not state.exists() or "zombie" in state.read_text():
+            break
+        time.sleep(0.25)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the orphaned worker kept running")
+    assert parent.stderr.read() == ""
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_an_empty_prompt_in_a_regeneration_is_a_bad_row(tmp_path, batch_size):
+    from test_lora import sharp_base
+    from test_regenerate import recipe
+
+    from fluid_cli import data
+
+    rows = [{"prompt": "ab", "response": "c"}, {"prompt": "", "response": "c"}, {"prompt": "de", "response": "f"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = recipe(tmp_path, sharp_base(tmp_path / "base"),  # template none: no BOS, no template before the prompt
+                  sources=f'[[data.sources]]\npath = "{tmp_path / "rows.jsonl"}"\nformat = "prompt_response"\n')
+    (tmp_path / "r.toml").write_text(text.replace("batch_size = 4", f"batch_size = {batch_size}"))
+    error_line(fluid("prepare-data", tmp_path / "r.toml"), f"{tmp_path / 'rows.jsonl'}:2: an empty prompt",
+               "nothing for [data.regenerate] to continue", "skip_bad_rows", alone=False)
+    stats = data.run(load_recipe(tmp_path / "r.toml", ["data.skip_bad_rows=true"]))
+    assert stats["dropped"]["bad_row"] == 1 and stats["examples_out"]["train"] == 2
+
+
+def test_every_output_folder_has_the_mode_mkdir_gives(tmp_path):
+    from fluid_cli import data
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[[data.sources]]\npath = "synthetic:arithmetic"\n'
+                                     f'num_samples = 8\n[data]\noutput_dir = "{tmp_path / "d"}"\n')
+    data.run(load_recipe(tmp_path / "r.toml"))
+    assert (tmp_path / "d").stat().st_mode == probe.stat().st_mode
+
+
+@pytest.mark.slow
+def test_training_with_an_added_mask_token_prints_no_library_notices(tmp_path, dataset):
+    from test_lora import sharp_base
+
+    base = sharp_base(tmp_path / "base")
+    (tmp_path / "r.toml").write_text(f'[model]\npath = "{base}"\n[fluid]\nmask_token = "<|new_mask|>"\nmax_k = 4\n'
+                                     f'[lora]\nr = 4\n[train]\ndataset = "{dataset}"\n'
+                                     f'output_dir = "{tmp_path / "out"}"\nmax_steps = 1\nbatch_size = 2\n')
+    proc = subprocess.run([sys.executable, "-m", "fluid_cli", "train-stage1", str(tmp_path / "r.toml")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert load_model(tmp_path / "out").meta.vocab_size == len(tiny_tokenizer()) + 1  # the token was added
+    assert "multivariate normal" not in proc.stderr and "save_embedding_layers" not in proc.stderr, proc.stderr
+
+
+def test_a_path_the_recipe_does_not_name_is_reported_with_the_key_it_defaults_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE)
+    error_line(fluid("train-stage1", "r.toml"), "runs/data: dataset folder not found (the default of [data] "
+                                                "output_dir, as [train] dataset is not set)")
+    error_line(fluid("calibrate-khead", "r.toml"), "runs/stage1: model folder not found (the default of [train] "
+                                                   "output_dir, as [khead] model_dir is not set)")
+    (tmp_path / "r.toml").write_text(TINY_SCRATCH_RECIPE + '[train]\noutput_dir = "mine"\n')
+    error_line(fluid("calibrate-khead", "r.toml"), "mine: model folder not found ([train] output_dir, as [khead] "
+                                                   "model_dir is not set)")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("world_size", 2, "step-00000002 was written by 2 processes, the run now has 1"),
+    ("step", 9, "the newest checkpoint is after step 9, beyond the run's 4 steps, so it is not this run's"),
+], ids=["processes", "past the end"])
+def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path, trained, dataset, field, value, message):
+    out, recipe = interrupted_run(trained, tmp_path, dataset)
+    state = out / "checkpoints" / "step-00000002" / train.STATE_NAME
+    state.write_text(json.dumps({**json.loads(state.read_text()), field: value}))
+    before = snapshot(out)
+    error_line(fluid("train-stage1", recipe, "--resume"), message, alone=False)
+    assert snapshot(out) == before

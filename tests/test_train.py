@@ -193,7 +193,7 @@ log_steps = 4
             assert torch.equal(tensor, saved[name])
     # The directory is complete: a second run into it must be asked for explicitly.
     again = invoke("train-stage1", str(path))
-    assert again.exit_code == 2 and "already holds a run" in again.output
+    assert again.exit_code == 2 and "holds a finished run" in again.output
 
 
 @pytest.mark.slow
@@ -232,7 +232,7 @@ log_steps = 1
 
     # Interrupt after the step-3 checkpoint: everything written later is gone.
     shutil.rmtree(out / "checkpoints" / "step-00000006")
-    for name in (META_NAME, "adapter_model.safetensors"):
+    for name in (META_NAME, "adapter_model.safetensors", train.SUMMARY_NAME):
         (out / name).unlink()
     with (out / train.METRICS_NAME).open("a") as f:
         f.write('{"step": 7, "loss": 0.')  # a line cut short by the crash
