@@ -283,9 +283,8 @@ def check_ddp(sizes: Sizes, device: torch.device, work: Path, log: Any) -> list[
            "--accelerate-config", str(REPO / "recipes" / "accelerate" / "multi_gpu_ddp.yaml")]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return [row("ddp", "2 processes, multi_gpu_ddp.yaml", "failed", lines[-1] if lines else f"exit {done.returncode}",
-                    failed=True)]
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+        return [row("ddp", "2 processes, multi_gpu_ddp.yaml", "failed", lines[-1], failed=True)]
     summary = json.loads((out / train.SUMMARY_NAME).read_text())
     return [row("ddp", "2 processes, multi_gpu_ddp.yaml",
                 f"{summary['steps_per_s']:.2f} steps/s, {summary['tokens_per_s']:,.0f} tokens/s",

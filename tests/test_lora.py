@@ -179,7 +179,8 @@ def test_training_and_decoding_agree_on_the_draft_rows(trained, scope, device):
                      noise=torch.full((1, n, 8), -1))
     plan.k[0, anchor] = k
     plan.reveal[0, anchor, 2] = True  # slot 3 shows its true token, slots 1, 2, 4, 5 are masks
-    ex = expand_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], plan, model.mask_token_id).to(device)
+    ex = expand_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], plan, model.mask_token_id)
+    ex = ex.to(device)
     with torch.no_grad():
         hidden = model.hidden_states(draft_from=ex.num_main, **ex.model_inputs()).last_hidden_state
         train_logits = model.logits(hidden[0, ex.slot_type[0] == MASK_SLOT])
