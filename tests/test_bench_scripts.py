@@ -62,3 +62,18 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     assert stage1[1]["skipped"] and "not implemented" in stage1[1]["notes"]
     assert [(r["batch"], r["k"]) for r in rows if r["check"] == "decode"] == [(1, 4), (8, 4)]
     assert [r["result"] for r in rows if r["check"] == "ddp"] == ["skipped"]
+
+
+@pytest.mark.slow
+def test_gpu_check_two_process_branch_runs_on_cpu(tmp_path, monkeypatch):
+    """The DDP check, which runs only where there are two GPUs, through its own code on two CPU processes (the
+    launcher trains on CPU with gloo where there is no GPU)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    [row] = gpu_check.check_ddp(gpu_check.SMOKE, torch.device("cpu"), tmp_path, lambda line: None)
+    assert not row.get("failed"), row["notes"]
+    assert row["summary"]["world_size"] == 2 and row["summary"]["ranks_agree"] and "steps/s" in row["result"]
