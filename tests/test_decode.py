@@ -149,6 +149,20 @@ def test_fixed_shapes_compiled_step_is_exact(monkeypatch, s, device):
     assert (2, 7) in shapes and decode_shapes <= {(2, 1)}
 
 
+def test_compiled_decoding_allocates_its_cache_eagerly_at_fixed_addresses(monkeypatch, device):
+    """CUDA graphs replay a compiled step in place only if the tensors it writes are marked as fixed addresses,
+    which can only be done outside compiled code: a new cache is allocated by an eager forward, even when the
+    prompt's first feed (1 token and K - 1 masks) fits the compiled shape."""
+    if device.type == "cpu":
+        monkeypatch.setenv("FLUID_COMPILE_BACKEND", "eager")
+    model = sharp_model("llama").to(device)
+    decoder = Decoder(model, settings("fixed", max_k=4, threshold=0.0, compile=True))
+    assert decoder.decode([10]).tokens == hf_greedy(model, [10], N_NEW)
+    [cache] = decoder._caches.values()
+    assert all(getattr(t, "_dynamo_static_input_type", None) for layer in cache.layers for t in (layer.keys,
+                                                                                                  layer.values))
+
+
 def test_loss_curve_head_is_exact_too():
     model = sharp_model("llama")
     model.meta.khead = KHeadMeta(objective="loss-curve", tau=2.0, calibrated=True)
