@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fluid_cli.config import LaunchConfig
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 
 MARKER = "FLUID_LAUNCHED"
 # Set by `accelerate launch` (every launcher) or torchrun in the processes they start.
@@ -52,7 +52,10 @@ def check_fits_machine(path: Path) -> None:
     import torch
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kind = str(load_config_from_file(str(path)).distributed_type).split(".")[-1]
+    try:
+        kind = str(load_config_from_file(str(path)).distributed_type).split(".")[-1]
+    except Exception as e:  # noqa: BLE001 - YAML, JSON and accelerate's own checks raise many types
+        raise FluidError(f"{path}: not a readable accelerate config ({first_line(e)})") from None
     if kind == "FSDP" and not torch.cuda.is_available():
         raise FluidError(f"{path}: FSDP runs on GPUs only (accelerate does not shard on a CPU), and this machine has "
                          "none; for several CPU processes use recipes/accelerate/multi_gpu_ddp.yaml or [launch] "
