@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -28,6 +30,8 @@ from fluid_cli.model import FluidMeta, FluidModel
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
                  num_key_value_heads=4),
+    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=4),
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8),
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -35,8 +39,12 @@ SHAPES = {
 }
 
 
+def llama_config(shape: str) -> LlamaConfig:
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+
+
 def build(shape: str, device: torch.device, dtype: torch.dtype, max_k: int) -> FluidModel:
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    config = llama_config(shape)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     meta = FluidMeta(mask_token="<mask>", mask_token_id=config.vocab_size - 1, max_k=max_k,
@@ -63,6 +71,35 @@ def per_step_ms(model: FluidModel, k: int, batch: int, context: int, steps: int,
     return 1000 * (full - prefill) / max(forwards - prefill_forwards, 1)
 
 
+def measure(shapes: list[str], batches: list[int], ks: list[int], context: int, steps: int, compile_: bool,
+            device: torch.device, dtype: torch.dtype, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """For each shape and batch size: a plain greedy step and the FLUID step at each K, in milliseconds, with the
+    peak GPU memory (None on a CPU); `log` gets one line per row."""
+    cuda = device.type == "cuda"
+    rows = []
+    for shape in shapes:
+        model = build(shape, device, dtype, max(ks))
+        for batch in batches:
+            if compile_:
+                # Dynamo keeps one entry per shape and model for the decoder's forward, and past its recompile limit
+                # (8) runs the forward uncompiled without failing: start each batch size with none.
+                torch._dynamo.reset()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            greedy = per_step_ms(model, 1, batch, context, steps, compile_)
+            for k in ks:
+                fluid = per_step_ms(model, k, batch, context, steps, compile_)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+                rows.append({"shape": shape, "batch": batch, "k": k, "greedy_ms": greedy, "fluid_ms": fluid,
+                             "ratio": fluid / greedy, "peak_gib": peak})
+                log(f"{shape:>4} batch {batch:2d} K={k:2d}: greedy step {greedy:8.3f} ms, FLUID step "
+                    f"{fluid:8.3f} ms, ratio {fluid / greedy:5.2f}x" + (f", peak {peak:.1f} GiB" if cuda else ""))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,25 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    ks = [int(k) for k in args.k.split(",")]
-    rows = []
-    for shape in args.shapes.split(","):
-        model = build(shape, device, dtype, max(ks))
-        for batch in (int(b) for b in args.batch.split(",")):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            greedy = per_step_ms(model, 1, batch, args.context, args.steps, args.compile)
-            for k in ks:
-                fluid = per_step_ms(model, k, batch, args.context, args.steps, args.compile)
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-                rows.append({"shape": shape, "batch": batch, "k": k, "greedy_ms": greedy, "fluid_ms": fluid,
-                             "ratio": fluid / greedy, "peak_gib": peak})
-                print(f"{shape:>4} batch {batch:2d} K={k:2d}: greedy step {greedy:8.3f} ms, FLUID step "
-                      f"{fluid:8.3f} ms, ratio {fluid / greedy:5.2f}x"
-                      + (f", peak {peak:.1f} GiB" if peak is not None else ""), flush=True)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+    rows = measure(args.shapes.split(","), [int(b) for b in args.batch.split(",")],
+                   [int(k) for k in args.k.split(",")], args.context, args.steps, args.compile, device, dtype,
+                   lambda line: print(line, flush=True))
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, compile={args.compile}, "
           f"context {args.context}")
     if args.json:

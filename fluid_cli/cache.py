@@ -46,6 +46,11 @@ class _RowLayer(CacheLayerMixin):
         self.values = value_states.new_zeros((*shape, value_states.shape[-1]))
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
+        # CUDA graphs (compiled decoding on a GPU) write tensors in place only at addresses marked as fixed, and the
+        # marking must happen outside compiled code: the decoder's first forward on a new cache runs eagerly.
+        # Unguarded: a new cache makes CUDA graphs record the step again rather than dynamo recompile it.
+        torch._dynamo.mark_static_address(self.keys, guard=False)
+        torch._dynamo.mark_static_address(self.values, guard=False)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:

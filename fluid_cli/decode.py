@@ -708,8 +708,10 @@ class Decoder:
         wm = max(len(f.main) for f in active)
         wd = max(len(f.draft) for f in active)
         # Two shapes: a plain step, [batch, 1], and a drafting step, [batch, 2K - 1] as K main and K - 1 draft
-        # columns; a feed that fits neither (a prompt, a long correction) runs eagerly at its own shape.
-        fixed = self.settings.compile and (wm + wd == 1 or (wm <= self.plan.max_k and wd < self.plan.max_k))
+        # columns; a feed that fits neither (a prompt, a long correction) runs eagerly at its own shape, and so does
+        # a new cache's first forward, which allocates it (at addresses CUDA graphs can keep: `fluid_cli.cache`).
+        fixed = self.settings.compile and cache.layers[0].is_initialized and (
+            wm + wd == 1 or (wm <= self.plan.max_k and wd < self.plan.max_k))
         if fixed and wm + wd > 1:
             wm, wd = self.plan.max_k, self.plan.max_k - 1
         q = wm + wd

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fluid_cli.config import LaunchConfig
-from fluid_cli.errors import FluidError
+from fluid_cli.errors import FluidError, first_line
 
 MARKER = "FLUID_LAUNCHED"
 # Set by `accelerate launch` (every launcher) or torchrun in the processes they start.
@@ -45,13 +45,33 @@ def config_file(launch: LaunchConfig, override: Path | None) -> Path | None:
     return path
 
 
+def check_fits_machine(path: Path) -> None:
+    """An FSDP config needs GPUs. On a machine without one, accelerate (1.16) refuses `fsdp_sync_module_states`
+    (the shipped config's) in every process, with a traceback each, and without it trains the processes as plain
+    data parallelism (`MULTI_CPU`), never sharded, although torch's FSDP itself runs on CPUs: say so first."""
+    import torch
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        kind = str(load_config_from_file(str(path)).distributed_type).split(".")[-1]
+    except Exception as e:  # noqa: BLE001 - YAML, JSON and accelerate's own checks raise many types
+        raise FluidError(f"{path}: not a readable accelerate config ({first_line(e)})") from None
+    if kind == "FSDP" and not torch.cuda.is_available():
+        raise FluidError(f"{path}: FSDP runs on GPUs only (accelerate does not shard on a CPU), and this machine has "
+                         "none; for several CPU processes use recipes/accelerate/multi_gpu_ddp.yaml or [launch] "
+                         "num_processes")
+
+
 def needs_launch(launch: LaunchConfig, override: Path | None) -> bool:
     """Whether this invocation must re-execute under `accelerate launch`."""
     if inside_launcher():
         return False
     if launch.num_processes < 1:
         raise FluidError(f"[launch] num_processes: expected at least 1, got {launch.num_processes}")
-    return launch.num_processes > 1 or config_file(launch, override) is not None
+    path = config_file(launch, override)
+    if path is not None:
+        check_fits_machine(path)
+    return launch.num_processes > 1 or path is not None
 
 
 def launch_command(launch: LaunchConfig, override: Path | None, fluid_args: list[str]) -> list[str]:

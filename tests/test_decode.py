@@ -43,7 +43,8 @@ def settings(horizon: str = "fixed", **kw) -> DecodeSettings:
 
 
 def hf_greedy(model: FluidModel, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
-    out = model.lm.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    out = model.lm.generate(torch.tensor([prompt], device=model.device),
+                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
                             do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0)
     tokens = out[0, len(prompt):].tolist()
     assert eos is not None or len(tokens) == n  # no early stop on a default EOS from the generation config
@@ -66,8 +67,8 @@ COVER = [(p, k, t) for p in POLICIES for k, t in ((16, 0.5), (4, 0.0), (1, 1.0))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_verified_decoding_equals_hf_greedy(arch):
-    model = sharp_model(arch)
+def test_verified_decoding_equals_hf_greedy(arch, device):
+    model = sharp_model(arch).to(device)
     combos = FULL if arch == "llama" else COVER
     prompts = random_prompts(seed=len(arch), count=3 if arch == "llama" else 2)
     total_cuts = 0
@@ -82,10 +83,10 @@ def test_verified_decoding_equals_hf_greedy(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_batches_equal_each_prompts_own_decoding(arch):
+def test_batches_equal_each_prompts_own_decoding(arch, device):
     """Mixed prompt lengths, rows ending at different times (EOS, stop sequences, budgets), more prompts than
     rows (a finished row takes the next prompt): every output equals its batch-1 decoding and HF greedy."""
-    model = sharp_model(arch)
+    model = sharp_model(arch).to(device)
     prompts = random_prompts(seed=21, count=7)
     full = [hf_greedy(model, p, N_NEW) for p in prompts]
     eos = full[0][10]  # ends some generations early, at different places
@@ -128,12 +129,13 @@ def test_batch_forward_counts_are_the_model_calls():
 @pytest.mark.parametrize("s", [settings("fixed", max_k=4, threshold=0.0),
                                settings("cost", max_k=4, costs=CostTable({1: 1.0, 2: 4.0}))],
                          ids=["fixed", "cost-few-masks"])
-def test_fixed_shapes_compiled_step_is_exact(monkeypatch, s):
+def test_fixed_shapes_compiled_step_is_exact(monkeypatch, s, device):
     """`compile=True`: every decode forward has the same shape over the whole cache; outputs are unchanged. With
     drafting that does not pay, a prompt's first forward carries few masks: prompts longer than K (5 and 6
     tokens) then fit the 2K - 1 columns without fitting the K main columns, and must run at their own shape."""
-    monkeypatch.setenv("FLUID_COMPILE_BACKEND", "eager")  # dynamo's capture without C++ code generation (fast)
-    model = sharp_model("llama")
+    if device.type == "cpu":  # dynamo's capture without C++ code generation (fast); a GPU compiles CUDA graphs
+        monkeypatch.setenv("FLUID_COMPILE_BACKEND", "eager")
+    model = sharp_model("llama").to(device)
     prompts = random_prompts(seed=8, count=3) + [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26]]
     shapes = set()
     handle = model.lm.get_decoder().register_forward_pre_hook(
@@ -145,6 +147,20 @@ def test_fixed_shapes_compiled_step_is_exact(monkeypatch, s):
     decode_shapes = {shape for shape in shapes if shape[1] <= 4}
     # two shapes for every decode step: batch x (2K - 1), and batch x 1 for a plain step
     assert (2, 7) in shapes and decode_shapes <= {(2, 1)}
+
+
+def test_compiled_decoding_allocates_its_cache_eagerly_at_fixed_addresses(monkeypatch, device):
+    """CUDA graphs replay a compiled step in place only if the tensors it writes are marked as fixed addresses,
+    which can only be done outside compiled code: a new cache is allocated by an eager forward, even when the
+    prompt's first feed (1 token and K - 1 masks) fits the compiled shape."""
+    if device.type == "cpu":
+        monkeypatch.setenv("FLUID_COMPILE_BACKEND", "eager")
+    model = sharp_model("llama").to(device)
+    decoder = Decoder(model, settings("fixed", max_k=4, threshold=0.0, compile=True))
+    assert decoder.decode([10]).tokens == hf_greedy(model, [10], N_NEW)
+    [cache] = decoder._caches.values()
+    assert all(getattr(t, "_dynamo_static_input_type", None) for layer in cache.layers for t in (layer.keys,
+                                                                                                  layer.values))
 
 
 def test_loss_curve_head_is_exact_too():

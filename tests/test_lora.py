@@ -92,9 +92,9 @@ def lora_moved(model) -> bool:
     return any(p.abs().sum() > 0 for n, p in model.backbone.named_parameters() if "lora_B" in n)
 
 
-def test_draft_scope_is_lossless_against_the_original_model(trained):
-    original = AutoModelForCausalLM.from_pretrained(trained["base"], dtype=torch.float32).eval()
-    model = load_model(trained["draft"], merge=True)
+def test_draft_scope_is_lossless_against_the_original_model(trained, device):
+    original = AutoModelForCausalLM.from_pretrained(trained["base"], dtype=torch.float32).eval().to(device)
+    model = load_model(trained["draft"], merge=True).to(device)
     assert model.meta.lora_scope == "draft" and model.meta.exact_to == "base" and model.gate is not None
     assert lora_moved(model)  # the adapter was trained: the drafts are not the base model's
     model.meta.khead = KHeadMeta(objective="gaussian", calibrated=True, tau=3.0)  # a random head, for khead
@@ -166,10 +166,10 @@ def test_gradients_reach_only_the_adapter_and_the_mask_row(tmp_path, scope):
 
 
 @pytest.mark.parametrize("scope", ["draft", "all"])
-def test_training_and_decoding_agree_on_the_draft_rows(trained, scope):
+def test_training_and_decoding_agree_on_the_draft_rows(trained, scope, device):
     """The Stage I forward's logits at a block's slots (mask and revealed) equal the decoder's draft forward
     over the same prefix and block, which feeds the prefix as main rows and the block as draft rows."""
-    model = load_model(trained[scope])
+    model = load_model(trained[scope]).to(device)
     tok = model.tokenizer
     row = rows(tok, 1)[0]
     batch = pad_batch([row], 0)
@@ -180,6 +180,7 @@ def test_training_and_decoding_agree_on_the_draft_rows(trained, scope):
     plan.k[0, anchor] = k
     plan.reveal[0, anchor, 2] = True  # slot 3 shows its true token, slots 1, 2, 4, 5 are masks
     ex = expand_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], plan, model.mask_token_id)
+    ex = ex.to(device)
     with torch.no_grad():
         hidden = model.hidden_states(draft_from=ex.num_main, **ex.model_inputs()).last_hidden_state
         train_logits = model.logits(hidden[0, ex.slot_type[0] == MASK_SLOT])

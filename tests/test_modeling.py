@@ -27,36 +27,36 @@ def batch(tok):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES[:4])
-def test_loss_without_anchors_is_the_plain_causal_lm_loss(arch):
-    model = tiny_fluid_model(arch)
+def test_loss_without_anchors_is_the_plain_causal_lm_loss(arch, device):
+    model = tiny_fluid_model(arch).to(device)
     b = batch(model.tokenizer)
     plan = BlockPlan(k=torch.zeros_like(b["input_ids"]), reveal=torch.zeros(*b["input_ids"].shape, 4, dtype=torch.bool),
                      noise=torch.full((*b["input_ids"].shape, 4), -1))
-    ex = expand_batch(b["input_ids"], b["labels"], b["attention_mask"], plan, model.mask_token_id)
+    ex = expand_batch(b["input_ids"], b["labels"], b["attention_mask"], plan, model.mask_token_id).to(device)
     out = model.stage1_loss(ex)
-    ref = model.lm(**b).loss
+    ref = model.lm(**{name: t.to(device) for name, t in b.items()}).loss
     torch.testing.assert_close(out.loss_ar, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-6)
     assert out.n_diff == 0 and out.loss_diff.item() == 0.0
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES + ["cohere"])
-def test_fluid_forward_matches_the_models_own_logits(arch):
+def test_fluid_forward_matches_the_models_own_logits(arch, device):
     """The decoder stack + head path (used by the loss and decoding) equals the model's own forward."""
-    model = tiny_fluid_model(arch)
+    model = tiny_fluid_model(arch).to(device)
     if hasattr(model.lm.config, "logits_scaling"):
         model.lm.config.logits_scaling = 4.0  # make Granite's scaling visible
-    ids = torch.tensor([[9, 40, 41, model.mask_token_id, 50]])
+    ids = torch.tensor([[9, 40, 41, model.mask_token_id, 50]], device=device)
     with torch.no_grad():
         logits, _ = model(ids)
         torch.testing.assert_close(logits, model.lm(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_stage1_loss_parts_match_a_full_forward():
-    model = tiny_fluid_model("qwen2")
+def test_stage1_loss_parts_match_a_full_forward(device):
+    model = tiny_fluid_model("qwen2").to(device)
     b = batch(model.tokenizer)
     ex = build_expanded_batch(b["input_ids"], b["labels"], b["attention_mask"], mask_token_id=model.mask_token_id,
-                              max_k=4, p_anchor=0.8, generator=torch.Generator().manual_seed(0))
+                              max_k=4, p_anchor=0.8, generator=torch.Generator().manual_seed(0)).to(device)
     out = model.stage1_loss(ex, ar_weight=0.5, diff_weight=2.0)
     logits = model.lm(**ex.model_inputs()).logits
     main = ex.slot_type == 0
