@@ -104,7 +104,9 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, t
     >>> warp(logits, one(1.0), one(0), one(0.5)).numpy().round(3)  # the first token holds 0.64 of the mass
     array([[1., 0., 0., 0.]], dtype=float32)
     """
-    z = logits.float() / temperature.float()[:, None]
+    z = logits.float() / temperature.float().to(logits.device)[:, None]
+    if not bool((top_k > 0).any() or (top_p < 1).any()):  # temperature alone: no sort needed
+        return z.softmax(-1)
     sorted_z, order = z.sort(-1, descending=True)
     rank = torch.arange(z.shape[-1], device=z.device)
     k = top_k.to(z.device)[:, None]
