@@ -399,9 +399,6 @@ class _Out:
     main_entropy: float
     head: list[float]
     draft_q: torch.Tensor | None = None  # sampled rows: the warped distributions the drafts were drawn from
-    # the last main row's choice is its greedy token: always when greedy; when sampling, the first draft (trained on
-    # greedy text) continues that token, so a block whose slot 0 was sampled otherwise drafts nothing (below)
-    main_greedy: bool = True
 
 
 class _Row:
@@ -501,11 +498,6 @@ class _Row:
     def _start_block(self, out: _Out) -> None:
         p0 = out.main_ids[-1]
         cap = min(self.plan.max_k, self.out.remaining, self.masks + 1)
-        if not out.main_greedy:
-            # Slot 0 was sampled to another token than the greedy one, which the first draft continues (drafts learn
-            # greedy text): they would mostly be rejected. The horizon looks at slot 0, a committed token drawn from
-            # the model, never at a drafted value, so sampling stays exact.
-            cap = 1
         k = self._horizon(out, cap)
         self.k = k
         self.q = out.draft_q
@@ -799,13 +791,10 @@ class Decoder:
         else:  # plain steps and verification need the greedy choices only
             ids = logits.argmax(-1)
             conf = torch.zeros_like(ids, dtype=torch.float32)
-        greedy = ids.clone() if any(f is not None and f.sampler is not None for f in feeds) else None
         draft_q = self._sample(logits, ids, conf, feeds, spans)
         parts = [ids.double(), conf.double()]
         if want_entropy:
             parts.append(-(logp.exp() * logp).sum(-1).double())
-        if greedy is not None:  # sampled rows: whether each choice is the greedy one
-            parts.append((ids == greedy).double())
         if head_b:
             heads = self.model.khead(hidden[torch.tensor(head_b, device=device), torch.tensor(head_q, device=device)])
             parts.append(heads.double().flatten())
@@ -813,9 +802,7 @@ class Decoder:
         n = len(sel_b)
         out_ids, out_conf = flat[:n], flat[n: 2 * n]
         entropy = flat[2 * n: 3 * n] if want_entropy else [0.0] * n
-        n_parts = 2 + want_entropy
-        is_greedy = flat[n_parts * n: (n_parts + 1) * n] if greedy is not None else [1.0] * n
-        head_vals = flat[(n_parts + (greedy is not None)) * n:]
+        head_vals = flat[(3 if want_entropy else 2) * n:]
         k = self.model.max_k
         outs: list[_Out | None] = []
         h = 0
@@ -831,8 +818,7 @@ class Decoder:
                 head = head_vals[h * k: (h + 1) * k]
                 h += 1
             outs.append(_Out(main, [int(x) for x in out_ids[draft]], out_conf[draft], entropy[draft],
-                             entropy[start + n_main - 1] if n_main else 0.0, head, draft_q.get(b),
-                             not n_main or is_greedy[start + n_main - 1] == 1.0))
+                             entropy[start + n_main - 1] if n_main else 0.0, head, draft_q.get(b)))
         return outs
 
     @staticmethod
