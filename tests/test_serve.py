@@ -300,3 +300,22 @@ def test_fluid_serve_command_drains_and_exits_0_on_sigterm(model_dir):
 def test_serve_flags_are_checked_like_recipe_keys(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--max-batch-size", "0"])
     assert result.exit_code == 2 and "--max-batch-size 0" in result.output
+
+
+@pytest.mark.slow
+def test_load_script_runs_fluid_and_ar_and_checks_every_request(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n2+3=\nOnce upon\n")
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--model", str(model_dir),
+                           "--clients", "1,2", "--requests", "2", "--max-tokens", "8", "--prompt-file", str(prompts),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decoder"], r["clients"]) for r in rows] == [("fluid", 1), ("fluid", 2), ("ar", 1), ("ar", 2)]
+    assert all(r["completed"] == r["requests"] == 2 * r["clients"] and r["tokens"] == 8 * r["requests"]
+               for r in rows)
+    assert all(r["same_as_other"] == r["requests"] for r in rows)  # verified FLUID writes the greedy text
+    assert all(r["tokens_per_forward"] >= 1 and r["p95_latency_s"] >= r["p50_latency_s"] > 0 for r in rows)
+    assert "tokens/s" in done.stdout
