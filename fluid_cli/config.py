@@ -1,12 +1,12 @@
 """Typed recipes: a TOML file -> validated dataclasses, one table per concern.
 
-A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`,
-`[generate]`, `[eval]`, `[bench]`, `[serve]` and `[launch]`; every table and key is optional and has a default.
-Loading checks every key against the dataclasses below: an unknown key or a value of the wrong type is a
-`FluidError` that names the file, the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every
-value is checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7:
-[train] lr: must be greater than 0, got 0.0``. A value that came from `--set` (or from a command's flag) is named
-by that argument instead of a recipe line: ``--set train.lr=fast: [train] lr: expected a float, got 'fast'``.
+A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`, `[generate]`,
+`[eval]`, `[bench]`, `[serve]` and `[launch]`; every table and key is optional and has a default. Loading checks every
+key against the dataclasses below: an unknown key or a value of the wrong type is a `FluidError` that names the file,
+the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every value is
+checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7: [train]
+lr: must be greater than 0, got 0.0``. A value that came from `--set` (or from a command's flag) is named by that
+argument instead of a recipe line: ``--set train.lr=fast: [train] lr: expected a float, got 'fast'``.
 
 Dotted overrides from the command line are applied before validation::
 
