@@ -667,13 +667,15 @@ class Decoder:
         if cache is None or cache.slots.max_len < max_len:
             size = -(-max_len // CACHE_BLOCK) * CACHE_BLOCK
             cache = self._caches[rows] = RowCache(text_config(self.model.lm.config).num_hidden_layers, size,
-                                                  self.device)
+                                                  self.device, rows)
         return cache
 
     # -- one forward ------------------------------------------------------------------------------------------------
     def _step(self, cache: RowCache, feeds: list[_Feed | None]) -> tuple[torch.Tensor, int]:
         """One forward over every row's feed (`None`: an idle row): the last hidden states `[batch, q, hidden]` and
         the first draft column (each row's main rows end there)."""
+        if not self.settings.compile:  # idle rows at the end (a server's free rows) cost compute: left out
+            feeds = feeds[: max(b for b, f in enumerate(feeds) if f is not None) + 1]
         active = [f for f in feeds if f is not None]
         wm = max(len(f.main) for f in active)
         wd = max(len(f.draft) for f in active)

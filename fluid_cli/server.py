@@ -83,7 +83,10 @@ class Service:
         limit = body.limit() or self.max_tokens
         stops = body.stops()
         stops = self.stops if stops is None else stops
-        budget = generation_budget(self.model, ids, min(limit, self.max_len - len(ids)))
+        try:
+            budget = generation_budget(self.model, ids, min(limit, self.max_len - len(ids)))
+        except FluidError as e:  # an empty prompt
+            raise bad_request(param, str(e)) from None
         try:
             job = self.engine.submit(DecodeRequest(ids, budget[0], stop_strings(self.model.tokenizer, stops)), budget)
         except QueueFull as e:
