@@ -31,8 +31,9 @@ verification) fills every slot from the first draft: no draft forward beyond the
 (committed or verified tokens) right-aligned in the first columns, its draft rows (masks, or decided slots) from
 the next column on, padding elsewhere. Each row advances by its own accepted length; the attention mask lets a
 query see its own row's columns up to its own position, so rejected drafts and padding are never seen and need
-no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching). With a
-draft-only LoRA the gate is one column for the whole batch: main rows before it, draft rows from it on.
+no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching; `Decoder.serve`
+takes prompts as they arrive, between forwards, and drops cancelled rows: `fluid serve`). With a draft-only LoRA
+the gate is one column for the whole batch: main rows before it, draft rows from it on.
 
 **Fixed shapes** (`compile=True`): every decode forward is `[batch, 2 max_k - 1]` over the whole cache (or
 `[batch, 1]`, a plain step), so `torch.compile` (CUDA graphs on a GPU) captures two steps; the greedy choices,
