@@ -173,13 +173,16 @@ def test_sixteen_concurrent_requests_each_equal_their_own_decoding(server, plain
 
 def test_a_late_request_starts_while_others_decode(server):
     client = server.client()
-    stream = client.completions.create(model=NAME, prompt="a long one", max_tokens=200, stream=True)
+    before = server.metric("fluid_forwards_total")
+    stream = client.completions.create(model=NAME, prompt="a long one", max_tokens=230, stream=True)
     first = next(stream)
     late = client.completions.create(model=NAME, prompt="late", max_tokens=3)
     rest = list(stream)
-    assert late.choices[0].finish_reason == "length" and first.choices[0].text
-    # the long stream was still going when the late request had finished
-    assert sum(bool(c.choices[0].text) for c in rest) > 10 and rest[-1].choices[0].finish_reason == "length"
+    assert first.choices[0].text and late.choices[0].finish_reason == "length"
+    assert sum(bool(c.choices[0].text) for c in rest) > 10  # the long one was still going when the late one ended
+    # they shared forwards: the late request did not wait for the long one to finish
+    long_forwards = rest[-1].model_extra["fluid"]["forwards"]
+    assert server.metric("fluid_forwards_total") - before < long_forwards + late.model_extra["fluid"]["forwards"]
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -222,14 +225,14 @@ def test_api_key_and_full_queue(model_dir):
         client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
 
         async def many():
-            return await asyncio.gather(*(client.completions.create(model=NAME, prompt=p, max_tokens=150)
+            return await asyncio.gather(*(client.completions.create(model=NAME, prompt=p, max_tokens=200)
                                           for p in PROMPTS[:6]), return_exceptions=True)
 
         outcomes = asyncio.run(many())
         refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
         served = [o for o in outcomes if not isinstance(o, Exception)]
         assert refused and len(refused) + len(served) == 6  # every request completed or got a 429
-        assert all(s.usage.completion_tokens == 150 for s in served)
+        assert all(s.usage.completion_tokens == 200 for s in served)
         assert running.metric('fluid_http_requests_total{endpoint="/v1/completions",status="429"}') == len(refused)
 
 
