@@ -336,7 +336,11 @@ def serve(
 ) -> None:
     """An OpenAI-compatible HTTP server (chat and text completions, streaming) with continuous batching."""
     with user_errors():
-        from fluid_cli import server
+        try:
+            from fluid_cli import server
+        except ImportError as e:
+            raise FluidError(f"fluid serve needs the serve extra ({e.name} is missing): pip install "
+                             "\"fluid-cli[serve]\"") from None
 
         cfg = _recipe_with_flags(recipe, set_, {
             "--model": ("generate.model_dir", model), "--host": ("serve.host", host), "--port": ("serve.port", port),

@@ -22,6 +22,7 @@ import pytest
 from test_decode import sharp_model
 from typer.testing import CliRunner
 
+import fluid_cli
 from fluid_cli.cli import app
 from fluid_cli.config import load_recipe_text
 from fluid_cli.folder import save_model
@@ -322,3 +323,11 @@ def test_load_script_runs_fluid_and_ar_and_checks_every_request(model_dir, tmp_p
     assert all(r["same_as_other"] == r["requests"] for r in rows)  # verified FLUID writes the greedy text
     assert all(r["tokens_per_forward"] >= 1 and r["p95_latency_s"] >= r["p50_latency_s"] > 0 for r in rows)
     assert "tokens/s" in done.stdout
+
+
+def test_without_the_serve_extra_the_command_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.delitem(sys.modules, "fluid_cli.server")
+    monkeypatch.delattr(fluid_cli, "server")
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # not installed
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "uvicorn is missing" in result.output and "fluid-cli[serve]" in result.output
