@@ -171,7 +171,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 EvalDecoder = _choices("EvalDecoder", EVAL_DECODERS)
-Decoder = _choices("Decoder", DECODERS)
+ServeDecoder = _choices("ServeDecoder", DECODERS)
 
 
 @app.command("eval")
@@ -326,7 +326,7 @@ def serve(
                                                    "KEY`.", show_default=False)] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model's id for clients (default: "
                                                       "the folder's name).", show_default=False)] = None,
-    decoder: Annotated[Optional[Decoder], typer.Option("--decoder", help="fluid (default), or ar: greedy, one "
+    decoder: Annotated[Optional[ServeDecoder], typer.Option("--decoder", help="fluid (default), or ar: greedy, one "
                                                        "token per forward.", show_default=False)] = None,
     max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Requests decoded together "
                                                           "(default 16).", show_default=False)] = None,
