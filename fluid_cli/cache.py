@@ -29,6 +29,7 @@ class RowSlots:
     write: torch.Tensor
     kv_len: int
     max_len: int = field(default=0)
+    rows: int | None = None  # rows allocated (None: the first forward's); a forward may feed the first few only
 
 
 class _RowLayer(CacheLayerMixin):
@@ -40,8 +41,8 @@ class _RowLayer(CacheLayerMixin):
         self.slots = slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads = key_states.shape[:2]
-        shape = (batch, heads, self.slots.max_len)
+        heads = key_states.shape[1]
+        shape = (self.slots.rows or key_states.shape[0], heads, self.slots.max_len)
         self.keys = key_states.new_zeros((*shape, key_states.shape[-1]))
         self.values = value_states.new_zeros((*shape, value_states.shape[-1]))
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -56,11 +57,12 @@ class _RowLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        rows = key_states.shape[0]  # the first rows of the cache: a server's idle rows at the end are not fed
         index = self.slots.write[:, None, :, None]
-        self.keys.scatter_(2, index.expand_as(key_states), key_states)
-        self.values.scatter_(2, index.expand_as(value_states), value_states)
+        self.keys[:rows].scatter_(2, index.expand_as(key_states), key_states)
+        self.values[:rows].scatter_(2, index.expand_as(value_states), value_states)
         n = self.slots.kv_len
-        return self.keys[:, :, :n], self.values[:, :, :n]
+        return self.keys[:rows, :, :n], self.values[:rows, :, :n]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.slots.kv_len, 0
@@ -78,6 +80,7 @@ class _RowLayer(CacheLayerMixin):
 class RowCache(Cache):
     """One `_RowLayer` per decoder layer, all reading the same `RowSlots`."""
 
-    def __init__(self, num_layers: int, max_len: int, device: torch.device):
-        self.slots = RowSlots(write=torch.zeros(1, 1, dtype=torch.long, device=device), kv_len=1, max_len=max_len)
+    def __init__(self, num_layers: int, max_len: int, device: torch.device, rows: int | None = None):
+        self.slots = RowSlots(write=torch.zeros(1, 1, dtype=torch.long, device=device), kv_len=1, max_len=max_len,
+                              rows=rows)
         super().__init__(layers=[_RowLayer(self.slots) for _ in range(num_layers)])

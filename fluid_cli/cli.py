@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fluid_cli import __version__
-from fluid_cli.config import EVAL_DECODERS, HORIZONS
+from fluid_cli.config import DECODERS, EVAL_DECODERS, HORIZONS
 from fluid_cli.errors import FluidError
 
 app = typer.Typer(
@@ -172,6 +172,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 EvalDecoder = _choices("EvalDecoder", EVAL_DECODERS)
+ServeDecoder = _choices("ServeDecoder", DECODERS)
 
 
 @app.command("eval")
@@ -341,6 +342,41 @@ def generate(
             top_p=top_p, top_k=top_k, seed=seed))
         gen.run(cfg, read_prompts(prompt, prompt_file), json_output=json_output, compare_ar=compare_ar,
                 compare_base=compare_base)
+
+
+@app.command("serve")
+def serve(
+    recipe: OptionalRecipeArg = None,
+    model: ModelOpt = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0: "
+                                                "every interface).", show_default=False)] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (default 8000).", show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Clients must send `Authorization: Bearer "
+                                                   "KEY`.", show_default=False)] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model's id for clients (default: "
+                                                      "the folder's name).", show_default=False)] = None,
+    decoder: Annotated[Optional[ServeDecoder], typer.Option("--decoder", help="fluid (default), or ar: greedy, one "
+                                                       "token per forward.", show_default=False)] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Requests decoded together "
+                                                          "(default 16).", show_default=False)] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests waiting for a row (default 64; "
+                                                     "more get 429).", show_default=False)] = None,
+    set_: SetOpt = None,
+) -> None:
+    """An OpenAI-compatible HTTP server (chat and text completions, streaming) with continuous batching."""
+    with user_errors():
+        try:
+            from fluid_cli import server
+        except ImportError as e:
+            raise FluidError(f"fluid serve needs the serve extra ({e.name} is missing): pip install "
+                             "\"fluid-cli[serve]\"") from None
+
+        cfg = _recipe_with_flags(recipe, set_, {
+            "--model": ("generate.model_dir", model), "--host": ("serve.host", host), "--port": ("serve.port", port),
+            "--api-key": ("serve.api_key", api_key), "--model-name": ("serve.model_name", model_name),
+            "--decoder": ("serve.decoder", decoder), "--max-batch-size": ("serve.max_batch_size", max_batch_size),
+            "--max-queue": ("serve.max_queue", max_queue)})
+        server.run(cfg)
 
 
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)

@@ -1,12 +1,12 @@
 """Typed recipes: a TOML file -> validated dataclasses, one table per concern.
 
-A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`,
-`[generate]`, `[eval]`, `[bench]` and `[launch]`; every table and key is optional and has a default. Loading checks every
-key against the dataclasses below: an unknown key or a value of the wrong type is a `FluidError` that names the
-file, the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every
-value is checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7:
-[train] lr: must be greater than 0, got 0.0``. A value that came from `--set` (or from a command's flag) is named
-by that argument instead of a recipe line: ``--set train.lr=fast: [train] lr: expected a float, got 'fast'``.
+A recipe is a TOML file with the tables `[model]`, `[data]`, `[fluid]`, `[lora]`, `[train]`, `[khead]`, `[generate]`,
+`[eval]`, `[bench]`, `[serve]` and `[launch]`; every table and key is optional and has a default. Loading checks every
+key against the dataclasses below: an unknown key or a value of the wrong type is a `FluidError` that names the file,
+the line and the key path, e.g. ``recipe.toml:7: [train] lr: expected a float, got 'fast'``. Then every value is
+checked against its range and the recipe for consistency (`validate`), in the same format: ``recipe.toml:7: [train]
+lr: must be greater than 0, got 0.0``. A value that came from `--set` (or from a command's flag) is named by that
+argument instead of a recipe line: ``--set train.lr=fast: [train] lr: expected a float, got 'fast'``.
 
 Dotted overrides from the command line are applied before validation::
 
@@ -268,6 +268,22 @@ class BenchConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`fluid serve`: the OpenAI-compatible server (the model and decoding settings: [generate], whose
+    max_new_tokens is a request's default max_tokens; requests are greedy unless they ask otherwise)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 serves every interface
+    port: int = 8000
+    model_name: str | None = None  # the `model` clients name; default: the model folder's name
+    api_key: str | None = None  # clients must send `Authorization: Bearer <key>` (None: no key needed)
+    decoder: Literal[DECODERS] = "fluid"  # ar: greedy decoding one token per forward (a baseline)
+    max_batch_size: int = 16  # requests decoded together (rows of the KV cache)
+    max_queue: int = 64  # requests waiting for a row; one more is refused with 429
+    max_len: int | None = None  # positions per row (prompt + completion); default: the model's context
+    drain_s: float = 30.0  # on SIGINT/SIGTERM, seconds in-flight requests may take to finish before cancelling
+
+
+@dataclass
 class LaunchConfig:
     num_processes: int = 1  # > 1: `fluid train-stage1` re-executes itself under `accelerate launch`
     accelerate_config: str | None = None  # an accelerate config file (DDP, FSDP, DeepSpeed); also re-executes
@@ -286,6 +302,7 @@ class Recipe:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # the recipe file, if any
 
@@ -708,6 +725,9 @@ RULES: dict[type, dict[str, Check]] = {
                   "batch_sizes": lambda v: None if v and min(v) >= 1 else f"must be batch sizes of 1 or more, got {v}",
                   "decoders": _not_empty, "draft_model": _not_empty, "lookup_tokens": _at_least(1),
                   "output": _not_empty},
+    ServeConfig: {"host": _not_empty, "port": _between(1, 65535), "model_name": _not_empty,
+                  "api_key": _not_empty, "max_batch_size": _at_least(1), "max_queue": _at_least(0),
+                  "max_len": _at_least(2), "drain_s": _at_least(0)},
     LaunchConfig: {"num_processes": _at_least(1), "main_process_port": _between(1, 65535)},
 }
 for _section in (RegenerateConfig, GenerateConfig, EvalConfig):  # every table with a `device` key

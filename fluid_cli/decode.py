@@ -31,8 +31,9 @@ verification) fills every slot from the first draft: no draft forward beyond the
 (committed or verified tokens) right-aligned in the first columns, its draft rows (masks, or decided slots) from
 the next column on, padding elsewhere. Each row advances by its own accepted length; the attention mask lets a
 query see its own row's columns up to its own position, so rejected drafts and padding are never seen and need
-no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching). With a
-draft-only LoRA the gate is one column for the whole batch: main rows before it, draft rows from it on.
+no compaction. A row that finishes frees its place for the next waiting prompt (continuous batching; `Decoder.serve`
+takes prompts as they arrive, between forwards, and drops cancelled rows: `fluid serve`). With a draft-only LoRA
+the gate is one column for the whole batch: main rows before it, draft rows from it on.
 
 **Fixed shapes** (`compile=True`): every decode forward is `[batch, 2 max_k - 1]` over the whole cache (or
 `[batch, 1]`, a plain step), so `torch.compile` (CUDA graphs on a GPU) captures two steps; the greedy choices,
@@ -647,47 +648,69 @@ class Decoder:
             return [], batch
         started = time.perf_counter()
         max_len = max(len(r.prompt) + b for r, (b, _) in zip(reqs, budgets)) + self.width + 1
-        with torch.inference_mode():
-            if self.plan.policy == "cost" and self.costs is None:
+        waiting = deque(zip(range(len(reqs)), reqs, budgets))
+
+        def finish(i: int, result: DecodeResult) -> None:
+            results[i] = result
+            if on_done is not None:
+                on_done(i, result)
+
+        if self.plan.policy == "cost" and self.costs is None:
+            with torch.inference_mode():
                 self.costs = self._probe_costs(reqs[0].prompt, batch)
+        self.serve(lambda: waiting.popleft() if waiting else None, max_len, batch, on_block, finish)
+        batch.wall_s = time.perf_counter() - started
+        done = [r for r in results if r is not None]
+        batch.new_tokens = sum(r.stats.new_tokens for r in done)
+        return done, batch
+
+    def serve(self, take: Callable[[], tuple[int, Request, tuple[int, str]] | None], max_len: int, batch: BatchStats,
+              on_block: Callable[[int, list[int]], None] | None = None,
+              on_done: Callable[[int, DecodeResult], None] | None = None,
+              cancelled: Callable[[int], bool] | None = None) -> None:
+        """Continuous batching on `batch.batch_size` rows of `max_len` cached positions (prompt, budget and the
+        widest feed): whenever a row is free, between forwards, `take()` hands in the next request as `(key,
+        request, its generation_budget)`, or None when none waits, so a request handed in while others decode
+        starts at the next forward. Returns once no row is active and `take` has nothing. `cancelled(key)`, asked
+        before every forward, drops that row without a result and frees its place. The forward costs of the cost
+        policy must be known (`self.costs`): `run` measures them. Counts forwards into `batch`."""
+        with torch.inference_mode():
             cache = self._row_cache(batch.batch_size, max_len)
-            waiting = deque(range(len(reqs)))
             rows: list[_Row | None] = [None] * batch.batch_size
 
             def admit(b: int) -> None:
-                while waiting:
-                    i = waiting.popleft()
-                    row = _Row(i, reqs[i], budgets[i], self,
-                               None if on_block is None else lambda tokens, i=i: on_block(i, tokens))
+                while (item := take()) is not None:
+                    key, request, budget = item
+                    row = _Row(key, request, budget, self,
+                               None if on_block is None else lambda tokens, key=key: on_block(key, tokens))
                     if not row.done:
                         rows[b] = row
                         return
                     finish(row)  # nothing to generate (max_new_tokens = 0)
-                rows[b] = None
 
             def finish(row: _Row) -> None:
-                results[row.index] = row.result()
                 if on_done is not None:
-                    on_done(row.index, results[row.index])
+                    on_done(row.index, row.result())
 
-            for b in range(len(rows)):
-                admit(b)
-            while any(rows):
+            while True:
+                for b, row in enumerate(rows):
+                    if row is not None and cancelled is not None and cancelled(row.index):
+                        rows[b] = row = None
+                    if row is None:
+                        admit(b)
+                if not any(rows):
+                    return
                 feeds = [row.feed() if row is not None else None for row in rows]
                 outs = self._outputs(*self._step(cache, feeds), feeds)
                 batch.forwards += 1
+                batch.row_forwards += len([f for f in feeds if f is not None])
                 for b, (row, out) in enumerate(zip(rows, outs)):
                     if row is None:
                         continue
                     row.absorb(out)
                     if row.done:
                         finish(row)
-                        admit(b)
-        batch.wall_s = time.perf_counter() - started
-        done = [r for r in results if r is not None]
-        batch.new_tokens = sum(r.stats.new_tokens for r in done)
-        batch.row_forwards = sum(r.stats.forwards for r in done)
-        return done, batch
+                        rows[b] = None
 
     def _row_cache(self, rows: int, max_len: int) -> RowCache:
         """The KV cache for `rows` rows of `max_len` positions: allocated once and kept while it fits (so a compiled
@@ -697,13 +720,15 @@ class Decoder:
         if cache is None or cache.slots.max_len < max_len:
             size = -(-max_len // CACHE_BLOCK) * CACHE_BLOCK
             cache = self._caches[rows] = RowCache(text_config(self.model.lm.config).num_hidden_layers, size,
-                                                  self.device)
+                                                  self.device, rows)
         return cache
 
     # -- one forward ------------------------------------------------------------------------------------------------
     def _step(self, cache: RowCache, feeds: list[_Feed | None]) -> tuple[torch.Tensor, int]:
         """One forward over every row's feed (`None`: an idle row): the last hidden states `[batch, q, hidden]` and
         the first draft column (each row's main rows end there)."""
+        if not self.settings.compile:  # idle rows at the end (a server's free rows) cost compute: left out
+            feeds = feeds[: max(b for b, f in enumerate(feeds) if f is not None) + 1]
         active = [f for f in feeds if f is not None]
         wm = max(len(f.main) for f in active)
         wd = max(len(f.draft) for f in active)

@@ -27,30 +27,26 @@ from fluid_cli.errors import FluidError
 from fluid_cli.hf import greedy_generate, load_causal_lm
 from fluid_cli.inference import decode_settings, generate_config, load_decoding_model, requests
 from fluid_cli.model import FluidModel
-from fluid_cli.prompts import Prompt, cut_at_stop, encode_prompt
+from fluid_cli.prompts import IncrementalText, Prompt, cut_at_stop, encode_prompt
 
 BLOCK_STYLES = ("black on cyan", "black on magenta")
 
 
 class BlockStreamer:
-    """Prints the generated text as blocks are committed, each block in the next of the alternating styles.
-
-    The whole text is decoded each time and only the new characters are printed, so tokens that merge across
-    a block boundary (multi-byte characters, leading spaces) print correctly; an unfinished character waits.
-    Styles only apply on a terminal; piped output is the plain text, byte for byte."""
+    """Prints the generated text as blocks are committed, each block in the next of the alternating styles
+    (`IncrementalText`: an unfinished character waits). Styles only apply on a terminal; piped output is the
+    plain text, byte for byte."""
 
     def __init__(self, tokenizer: Any, console: Console):
-        self.tokenizer, self.console = tokenizer, console
-        self.ids: list[int] = []
+        self.console = console
+        self.decoded = IncrementalText(tokenizer)
         self.text = Text()
         self.blocks = 0
 
     def __call__(self, block: list[int]) -> None:
-        self.ids += block
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        new = self.decoded.add(block)
+        if new is None:  # a multi-byte character is not complete yet
             return
-        new = text[len(self.text.plain):]
         style = BLOCK_STYLES[self.blocks % len(BLOCK_STYLES)]
         self.blocks += 1
         self.text.append(new, style)
@@ -58,7 +54,7 @@ class BlockStreamer:
 
     def finish(self) -> None:
         """Print what is still held back (an incomplete character at the very end) and end the line."""
-        rest = self.tokenizer.decode(self.ids, skip_special_tokens=True)[len(self.text.plain):]
+        rest = self.decoded.rest()
         if rest:
             style = BLOCK_STYLES[self.blocks % len(BLOCK_STYLES)]
             self.text.append(rest, style)

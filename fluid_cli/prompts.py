@@ -1,4 +1,4 @@
-"""Prompts in, token ids out; stop strings as a decoder callback.
+"""Prompts in, token ids out; stop strings as a decoder callback; generated ids back to text as they stream.
 
 Prompts come from `--prompt` (repeatable), a prompt file (one per line, or JSONL rows with `messages` or a text
 field) or stdin, and are encoded through the tokenizer's chat template when it has one and it is asked for.
@@ -167,3 +167,37 @@ def cut_at_stop(stop: StopCallback | None, ids: list[int]) -> list[int]:
             if (keep := stop(ids[:n])) is not None:
                 return ids[:keep]
     return ids
+
+
+class IncrementalText:
+    """The text of generated ids that arrive a block at a time, handed out as it settles.
+
+    The whole text is decoded each time and only the new characters are handed out, so tokens that merge across a
+    block boundary (multi-byte characters, leading spaces) come out right; an unfinished character waits.
+
+        >>> from fluid_cli.tokenizer import build_char_tokenizer
+        >>> text = IncrementalText(build_char_tokenizer())
+        >>> text.add(text.tokenizer.encode("ab", add_special_tokens=False)), text.add([]), text.rest()
+        ('ab', '', '')
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # handed out so far
+
+    def add(self, ids: list[int]) -> str | None:
+        """The new text once `ids` are appended; None while a multi-byte character is incomplete."""
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return None
+        return self._advance(text)
+
+    def rest(self) -> str:
+        """All that is still held back (an incomplete character at the very end)."""
+        return self._advance(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _advance(self, text: str) -> str:
+        new, self.text = text[len(self.text):], text
+        return new

@@ -4,10 +4,11 @@ import doctest
 
 import pytest
 
-from fluid_cli import config, data, hf, khead, layout, render, sources, synthetic, tokenizer
+from fluid_cli import config, data, hf, khead, layout, openai_api, prompts, render, sources, synthetic, tokenizer
 
 
-@pytest.mark.parametrize("module", [config, data, hf, khead, layout, render, sources, synthetic, tokenizer],
+@pytest.mark.parametrize("module", [config, data, hf, khead, layout, openai_api, prompts, render, sources, synthetic,
+                                    tokenizer],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module)
