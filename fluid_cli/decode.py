@@ -855,7 +855,10 @@ class Decoder:
             return {}
         device = logits.device
         at = torch.tensor(rows, device=device)
-        temperature, top_k, top_p = (torch.tensor(c, device=device) for c in zip(*params))
+        temperatures, top_ks, top_ps = zip(*params)
+        # float64, on the host: a temperature as small as 1e-300 must reach `warp` as itself, not as float32's 0
+        temperature = torch.tensor(temperatures, dtype=torch.float64)
+        top_k, top_p = torch.tensor(top_ks, device=device), torch.tensor(top_ps, device=device)
         probs = warp(logits[at], temperature, top_k, top_p)
         chosen = torch.empty(len(rows), dtype=ids.dtype, device=device)
         flat_checks = [t for f in feeds if f is not None and f.sampler is not None for t in f.checks]

@@ -191,6 +191,21 @@ def test_warp_equals_hf_generate_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(got, ref.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
+def test_extreme_temperatures_are_their_limits(model):
+    """A temperature float32 rounds to 0 (1e-300) is greedy decoding, one it rounds to infinity (1e39) uniform over
+    the tokens the model can write: not NaN probabilities, from which `sample` drew the vocabulary's last token."""
+    logits = torch.tensor([[2.0, 1.0, -math.inf, 2.0 - 1e-6, -3.0]])
+    def warped(t):
+        return warp(logits, torch.tensor([t], dtype=torch.float64), torch.tensor([0]), torch.tensor([1.0]))[0].tolist()
+    assert warped(1e-300) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert warped(1e39) == [0.25, 0.25, 0.0, 0.25, 0.25]
+    settings = DecodeSettings(horizon="fixed", max_k=3, max_new_tokens=9, costs=CostTable.flat())
+    greedy, _ = decode_batch(model, [PROMPT], settings)
+    cold, _ = decode_batch(model, [Request(PROMPT, sampling=Sampling(1e-300, seed=i)) for i in range(4)], settings,
+                           batch_size=4)
+    assert {tuple(r.tokens) for r in cold} == {tuple(greedy[0].tokens)}
+
+
 def test_sample_draws_each_token_with_its_probability():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
     u = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000  # a uniform grid: counts are exact
