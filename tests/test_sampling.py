@@ -312,6 +312,8 @@ def test_generate_samples_reproducibly_with_a_seed(fluid_dir):
     (["--temperature", "0.7", "--top-k", "-1"], "--top-k -1"),
     (["--temperature", "0.7", "--no-verify"], "sampling needs verification"),
     (["--temperature", "0.7", "--threshold", "0.5"], "sampling takes every draft slot from the first draft"),
+    (["--top-p", "0.5"], "--top-p 0.5: [generate] top_p: 0.5 without a temperature: greedy decoding does not use"),
+    (["--top-k", "5", "--temperature", "0"], "--top-k 5: [generate] top_k: 5 without a temperature"),
 ])
 def test_bad_sampling_flags_are_one_line_errors(fluid_dir, flags, message):
     result = _cli("generate", "--model", fluid_dir, "-p", "ab", *flags)
