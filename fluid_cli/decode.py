@@ -775,6 +775,9 @@ class Decoder:
         device = hidden.device
         index = torch.tensor([sel_b, sel_q], device=device)
         logits = self.model.logits(hidden[index[0], index[1]]).float()
+        # no number to decode from: NaN, +inf (inf - inf is NaN in the softmax), or -inf for every token; read with
+        # the step's outputs below, so no extra synchronisation
+        nan = (logits.isnan() | logits.isposinf() | logits.isneginf().all(-1, keepdim=True)).any()[None].double()
         mask_id = self.model.mask_token_id
         n_draft = sum(span[2] for span in spans if span is not None)
         if self.suppress_main:
@@ -790,13 +793,17 @@ class Decoder:
             ids = logits.argmax(-1)
             conf = torch.zeros_like(ids, dtype=torch.float32)
         draft_q = self._sample(logits, ids, conf, feeds, spans)
-        parts = [ids.double(), conf.double()]
+        parts = [nan, ids.double(), conf.double()]
         if want_entropy:
             parts.append(-(logp.exp() * logp).sum(-1).double())
         if head_b:
             heads = self.model.khead(hidden[torch.tensor(head_b, device=device), torch.tensor(head_q, device=device)])
             parts.append(heads.double().flatten())
-        flat = torch.cat(parts).tolist()  # the one device-to-host synchronisation of the step
+        nan_found, *flat = torch.cat(parts).tolist()  # the one device-to-host synchronisation of the step
+        if nan_found:
+            # argmax and sampling both pick a token from NaN scores without complaint: the text would be garbage
+            raise FluidError("the model's logits are not numbers (NaN or infinite): its weights hold NaN, or its "
+                             "dtype overflows (float16 often does: load it as bfloat16 or float32)")
         n = len(sel_b)
         out_ids, out_conf = flat[:n], flat[n: 2 * n]
         entropy = flat[2 * n: 3 * n] if want_entropy else [0.0] * n
