@@ -246,7 +246,14 @@ def _parse(text: str, file: str) -> tuple[dict, dict[str, int]]:
     named = [k for k in config if not isinstance(k, str)]
     if named:
         raise FluidError(f"{file}: {named[0]!r}: expected a key name (a LLaMA-Factory argument)")
-    return config, {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    lines: dict[str, int] = {}
+    for k, _ in node.value:
+        if isinstance(k, yaml.ScalarNode):
+            if k.value in lines:  # PyYAML keeps the last silently; which one the user meant is anyone's guess
+                raise FluidError(f"{file}:{k.start_mark.line + 1}: {k.value}: given twice (first on line "
+                                 f"{lines[k.value]}); keep one")
+            lines[k.value] = k.start_mark.line + 1
+    return config, lines
 
 
 def _number(value: Any, default: Any) -> Any:
@@ -264,13 +271,17 @@ def _number(value: Any, default: Any) -> Any:
 def _deepspeed(json_path: str, config: str, where: str, batch_size: Any) -> str:
     """Write the accelerate config that runs DeepSpeed with `json_path`; return its path."""
     path = Path(json_path)
+    if not path.is_file():
+        raise FluidError(f"{where}: deepspeed: {path} " + ("is a folder, not a DeepSpeed JSON file" if path.is_dir()
+                                                           else "not found"))
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FluidError(f"{where}: deepspeed: {path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FluidError(f"{where}: deepspeed: {path} is not a JSON file ({e})") from None
-    micro = ds.get("train_micro_batch_size_per_gpu", "auto") if isinstance(ds, dict) else None
+    if not isinstance(ds, dict):
+        raise FluidError(f"{where}: deepspeed: {path} is not a DeepSpeed config (a JSON object), got "
+                         f"{json.dumps(ds)[:40]}")
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
     if micro != batch_size:
         # accelerate fills an "auto" micro-batch size only from a DataLoader passed to prepare(); fluid's loop
         # batches its rows itself.
