@@ -186,11 +186,16 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
         if value is not None:
             for fluid_key in fluid_keys:
                 put(fluid_key, value, key)
+    for key, kind, want in (("output_dir", str, "a folder name"), ("enable_thinking", bool, "true or false")):
+        if get(key) is not None and not isinstance(config[key], kind):  # a list or a number is no path; 'maybe' no bool
+            raise FluidError(f"{at(key)}: {key}: expected {want}, got {config[key]!r}")
     output_dir = Path(get("output_dir", "trainer_output"))
     put("data.output_dir", str(output_dir.with_name(output_dir.name + "-data")), "output_dir")
 
     names = get("dataset")
     if names is not None:
+        if not isinstance(names, (str, list)):  # a mapping's keys, or a number, are no list of names
+            raise FluidError(f"{at('dataset')}: dataset: expected names (a, b or a list), got {names!r}")
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
         put("data.dataset_dir", get("dataset_dir", "data"), "dataset_dir")
         put("data.sources", [{"dataset": name} for name in names], "dataset")
