@@ -1140,7 +1140,7 @@ def test_no_warning_about_sequences_longer_than_model_max_length(tmp_path, caplo
     assert "Token indices sequence length" in caplog.text
 
 
-# ------------------------------------------------------------------------- probing sampling and LLaMA-Factory input
+# ------------------------------------------------------------------------ probing sampling and LLaMA-Factory input
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

@@ -349,6 +349,8 @@ def test_eval_follows_the_tasks_generation_kwargs(fluid_dir):
     assert asked({"do_sample": True}) == Sampling(1.0, 1.0, 0, 10)
     assert asked({"do_sample": True, "temperature": 0.6, "top_p": 0.9}) == Sampling(0.6, 0.9, 0, 11)
     assert asked({"temperature": 0.0}).greedy
+    forced_greedy = FluidLM(str(fluid_dir), temperature=0.0)  # --temperature 0: greedy, even where a task samples
+    assert forced_greedy.sampling_for({"do_sample": True}, normalize_gen_kwargs({"do_sample": True})).greedy
     flagged = FluidLM(str(fluid_dir), temperature=0.8, top_k=5, seed=3)
     assert flagged.sampling_for({"do_sample": False}, normalize_gen_kwargs({"do_sample": False})) == \
         Sampling(0.8, 1.0, 5, 3)
