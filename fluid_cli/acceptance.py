@@ -94,8 +94,9 @@ def accepted_length(block: list[int], choices: list[int]) -> int:
 
 def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Next-token probabilities of `logits` `[n, V]` under each row's temperature, top-k and top-p (in that order,
-    as HF `generate`), in float32. Top-p keeps a token while the mass of the more likely kept tokens is below `top_p`
-    (so at least one token survives); `top_k = 0` and `top_p = 1` keep everything.
+    as HF `generate`), in float32 (`temperature` best in float64, on the host: float32 rounds 1e-300 to 0). Top-p
+    keeps a token while the mass of the more likely kept tokens is below `top_p` (so at least one token survives);
+    `top_k = 0` and `top_p = 1` keep everything.
 
     >>> logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)
     >>> one = lambda x: torch.tensor([x])
@@ -104,7 +105,16 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, t
     >>> warp(logits, one(1.0), one(0), one(0.5)).numpy().round(3)  # the first token holds 0.64 of the mass
     array([[1., 0., 0., 0.]], dtype=float32)
     """
-    z = logits.float() / temperature.float().to(logits.device)[:, None]
+    # Shifted by the row's maximum, scaled by 1/temperature computed in float64 and held within float32's range: a
+    # temperature that float32 rounds to 0 (below ~1e-45) or to infinity (above ~3e38), or a quotient past its
+    # range, would otherwise give NaN (0/0, inf/inf, inf - inf) to the softmax, and `sample` would draw the last
+    # token of the vocabulary. Shifted, every z is <= 0 and the best token's exactly 0, so a tiny temperature is
+    # greedy decoding and a huge one uniform, as the limits are; the shift leaves the softmax as it is. (float64
+    # on the host: an MPS device has none.)
+    finfo = torch.finfo(torch.float32)
+    x = logits.float()
+    inverse = temperature.cpu().double().reciprocal().clamp(finfo.tiny, finfo.max).float().to(x.device)
+    z = (x - x.max(-1, keepdim=True).values) * inverse[:, None]
     if not bool((top_k > 0).any() or (top_p < 1).any()):  # temperature alone: no sort needed
         return z.softmax(-1)
     sorted_z, order = z.sort(-1, descending=True)

@@ -188,8 +188,9 @@ def eval_(
                                                  show_default=False)] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples (default: the "
                                                        "task's).", show_default=False)] = None,
-    decoder: Annotated[Optional[EvalDecoder], typer.Option("--decoder", help="fluid, ar (plain greedy) or both "
-                                                           "(side by side).", show_default=False)] = None,
+    decoder: Annotated[Optional[EvalDecoder], typer.Option("--decoder", help="fluid, ar (plain decoding: greedy, "
+                                                           "or sampled with --temperature) or both (side by side).",
+                                                           show_default=False)] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="Horizon threshold (default: the model's calibrated "
                                                  "tau).", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Confidence for filling draft slots "
@@ -487,3 +488,7 @@ def wide_when_piped(environ: dict[str, str] | os._Environ = os.environ) -> None:
 def main() -> None:
     wide_when_piped()
     app()
+
+
+if __name__ == "__main__":  # `python -m fluid_cli.cli ...` runs the CLI, as `python -m fluid_cli` does
+    main()

@@ -798,6 +798,10 @@ def _consistency_errors(r: Recipe) -> Iterator[tuple[tuple[str | int, ...], str]
         yield (("generate", "threshold"),
                f"{g.threshold:g} with temperature = {g.temperature:g}: sampling takes every draft slot from the first "
                "draft (threshold 0); an early fill would bias the output")
+    for key, value, unset in (("top_p", g.top_p, 1.0), ("top_k", g.top_k, 0)):
+        if not g.temperature and value != unset:  # greedy decoding ignores them: say so, not decode greedily
+            yield (("generate", key), f"{value:g} without a temperature: greedy decoding does not use {key}; set "
+                   "temperature above 0 (--temperature) to sample with it")
     if r.train.max_expanded_len is not None and r.train.max_expanded_len <= f.max_k:
         yield (("train", "max_expanded_len"),
                f"{r.train.max_expanded_len} leaves no room for a block of max_k = {f.max_k} after the tokens")

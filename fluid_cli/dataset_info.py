@@ -90,16 +90,24 @@ def entry(name: str, data: DataConfig, key: str) -> Entry:
         info = json.loads(read_text(info_path, "dataset list"))
     except json.JSONDecodeError as e:
         raise FluidError(f"{info_path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(info, dict) or name not in info:
-        known = ", ".join(sorted(info)) if isinstance(info, dict) else "nothing"
-        raise FluidError(f"{key} dataset: {name!r} is not registered in {info_path} (it has: {known})")
+    if not isinstance(info, dict):
+        raise FluidError(f"{info_path}: expected an object of named datasets, got {json.dumps(info)[:40]}")
+    if name not in info:
+        raise FluidError(f"{key} dataset: {name!r} is not registered in {info_path} (it has: "
+                         f"{', '.join(sorted(info)) or 'nothing'})")
     attr, where = info[name], f"{info_path}: {name}"
     if not isinstance(attr, dict):
         raise FluidError(f"{where}: expected an object, got {json.dumps(attr)[:40]}")
     columns, tags = attr.get("columns"), attr.get("tags")
-    for part, value in (("columns", columns), ("tags", tags)):
+    all_columns = COLUMN_NAMES + tuple(k for k in NOT_SFT if k != "ranking")  # ranking is an entry key
+    for part, value, known in (("columns", columns, all_columns), ("tags", tags, tuple(TAG_DEFAULTS))):
         if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             raise FluidError(f"{where}: {part} must map names to text, got {json.dumps(value)[:60]}")
+        # LLaMA-Factory reads only the names it knows: a misspelt one would silently drop its column (or tag)
+        unknown = [k for k in value or {} if k not in known]
+        if unknown:
+            raise FluidError(f"{where}: {part}: {unknown[0]!r} is not a LLaMA-Factory {part[:-1]} name (known: "
+                             f"{', '.join(known)})")
     refused = [k for k in NOT_SFT if k in (columns or {})] + (["ranking"] if attr.get("ranking") else [])
     if refused:
         raise FluidError(f"{where}: {NOT_SFT[refused[0]]}; fluid trains on supervised text conversations only")
@@ -109,6 +117,9 @@ def entry(name: str, data: DataConfig, key: str) -> Entry:
     if "hf_hub_url" in attr:
         path, hub = str(attr["hf_hub_url"]), True
     elif "file_name" in attr:
+        if not isinstance(attr["file_name"], str):
+            raise FluidError(f"{where}: file_name must be text (a file or folder under {data.dataset_dir}), got "
+                             f"{json.dumps(attr['file_name'])[:40]}")
         local = Path(data.dataset_dir) / str(attr["file_name"])
         if not local.exists():
             raise FluidError(f"{where}: file_name {local} not found")
@@ -124,7 +135,7 @@ def entry(name: str, data: DataConfig, key: str) -> Entry:
         raise FluidError(f"{where}: columns name no {needed} column (LLaMA-Factory reads no defaults once an entry "
                          f"lists columns); add \"{needed}\": \"{defaults[needed]}\"")
     num_samples = attr.get("num_samples")
-    if num_samples is not None and not (isinstance(num_samples, int) and num_samples >= 1):
+    if num_samples is not None and not (type(num_samples) is int and num_samples >= 1):  # true is no count
         raise FluidError(f"{where}: num_samples must be a whole number of at least 1, got {num_samples!r}")
     return Entry(
         name=name, path=path, hub=hub, formatting=formatting, columns=chosen,

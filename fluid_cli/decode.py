@@ -802,6 +802,9 @@ class Decoder:
         device = hidden.device
         index = torch.tensor([sel_b, sel_q], device=device)
         logits = self.model.logits(hidden[index[0], index[1]]).float()
+        # no number to decode from: NaN, +inf (inf - inf is NaN in the softmax), or -inf for every token; read with
+        # the step's outputs below, so no extra synchronisation
+        nan = (logits.isnan() | logits.isposinf() | logits.isneginf().all(-1, keepdim=True)).any()[None].double()
         mask_id = self.model.mask_token_id
         n_draft = sum(span[2] for span in spans if span is not None)
         if self.suppress_main:
@@ -817,13 +820,17 @@ class Decoder:
             ids = logits.argmax(-1)
             conf = torch.zeros_like(ids, dtype=torch.float32)
         draft_q = self._sample(logits, ids, conf, feeds, spans)
-        parts = [ids.double(), conf.double()]
+        parts = [nan, ids.double(), conf.double()]
         if want_entropy:
             parts.append(-(logp.exp() * logp).sum(-1).double())
         if head_b:
             heads = self.model.khead(hidden[torch.tensor(head_b, device=device), torch.tensor(head_q, device=device)])
             parts.append(heads.double().flatten())
-        flat = torch.cat(parts).tolist()  # the one device-to-host synchronisation of the step
+        nan_found, *flat = torch.cat(parts).tolist()  # the one device-to-host synchronisation of the step
+        if nan_found:
+            # argmax and sampling both pick a token from NaN scores without complaint: the text would be garbage
+            raise FluidError("the model's logits are not numbers (NaN or infinite): its weights hold NaN, or its "
+                             "dtype overflows (float16 often does: load it as bfloat16 or float32)")
         n = len(sel_b)
         out_ids, out_conf = flat[:n], flat[n: 2 * n]
         entropy = flat[2 * n: 3 * n] if want_entropy else [0.0] * n
@@ -882,7 +889,11 @@ class Decoder:
             return {}
         device = logits.device
         at = torch.tensor(rows, device=device)
-        temperature, top_k, top_p = (torch.tensor(c) for c in zip(*params))  # on the host: `warp` reads them
+        temperatures, top_ks, top_ps = zip(*params)
+        # float64, on the host: a temperature as small as 1e-300 must reach `warp` as itself, not as float32's 0;
+        # top-k and top-p on the host too, where `warp` reads whether any row needs them
+        temperature = torch.tensor(temperatures, dtype=torch.float64)
+        top_k, top_p = torch.tensor(top_ks), torch.tensor(top_ps)
         probs = warp(logits[at], temperature, top_k, top_p)
         chosen = torch.empty(len(rows), dtype=ids.dtype, device=device)
         flat_checks = [t for f in feeds if f is not None and f.sampler is not None for t in f.checks]

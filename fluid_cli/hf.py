@@ -319,7 +319,14 @@ def generate_batch(lm: PreTrainedModel, prompts: list[list[int]], max_new_tokens
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.inference_mode():
         extra = {"assistant_model": assistant_model} if assistant_model is not None else {}
-        out = lm.generate(input_ids, attention_mask=attention, generation_config=config, **extra)
+        try:
+            out = lm.generate(input_ids, attention_mask=attention, generation_config=config, **extra)
+        except RuntimeError as e:  # torch.multinomial's refusal, deep in transformers' sampling loop
+            if temperature is None or "probability tensor contains" not in str(e):
+                raise
+            raise FluidError(f"temperature = {temperature:g}: transformers' generate cannot sample at it (its float32 "
+                             "logits divided by the temperature overflow, or the model's logits are NaN); use a "
+                             "larger temperature") from None
     rows = []
     for row in out[:, width:].tolist():
         end = next((i + 1 for i, t in enumerate(row) if eos and t in eos), len(row))

@@ -44,7 +44,8 @@ def sampling(cfg: GenerateConfig) -> Sampling:
 
 def requests(prompts: list[list[int]], sampling: Sampling) -> list[Request]:
     """One decoder request per prompt; with a seed, prompt `i` samples with `seed + i` (the same prompt twice gives
-    two samples, and a prompt's text does not depend on the batch it is decoded in)."""
+    two samples, and a prompt's text does not depend on the batch it is decoded in as long as its horizons do not:
+    the default cost policy's depend on the forward costs measured for the batch size, so there it may differ)."""
     if sampling.greedy or sampling.seed is None:
         return [Request(p) for p in prompts]
     return [Request(p, sampling=replace(sampling, seed=(sampling.seed + i) % 2**63)) for i, p in enumerate(prompts)]

@@ -186,11 +186,16 @@ def translate(text: str, file: str) -> tuple[dict, dict[tuple[str, ...], str]]:
         if value is not None:
             for fluid_key in fluid_keys:
                 put(fluid_key, value, key)
+    for key, kind, want in (("output_dir", str, "a folder name"), ("enable_thinking", bool, "true or false")):
+        if get(key) is not None and not isinstance(config[key], kind):  # a list or a number is no path; 'maybe' no bool
+            raise FluidError(f"{at(key)}: {key}: expected {want}, got {config[key]!r}")
     output_dir = Path(get("output_dir", "trainer_output"))
     put("data.output_dir", str(output_dir.with_name(output_dir.name + "-data")), "output_dir")
 
     names = get("dataset")
     if names is not None:
+        if not isinstance(names, (str, list)):  # a mapping's keys, or a number, are no list of names
+            raise FluidError(f"{at('dataset')}: dataset: expected names (a, b or a list), got {names!r}")
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
         put("data.dataset_dir", get("dataset_dir", "data"), "dataset_dir")
         put("data.sources", [{"dataset": name} for name in names], "dataset")
@@ -246,7 +251,14 @@ def _parse(text: str, file: str) -> tuple[dict, dict[str, int]]:
     named = [k for k in config if not isinstance(k, str)]
     if named:
         raise FluidError(f"{file}: {named[0]!r}: expected a key name (a LLaMA-Factory argument)")
-    return config, {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    lines: dict[str, int] = {}
+    for k, _ in node.value:
+        if isinstance(k, yaml.ScalarNode):
+            if k.value in lines:  # PyYAML keeps the last silently; which one the user meant is anyone's guess
+                raise FluidError(f"{file}:{k.start_mark.line + 1}: {k.value}: given twice (first on line "
+                                 f"{lines[k.value]}); keep one")
+            lines[k.value] = k.start_mark.line + 1
+    return config, lines
 
 
 def _number(value: Any, default: Any) -> Any:
@@ -264,13 +276,17 @@ def _number(value: Any, default: Any) -> Any:
 def _deepspeed(json_path: str, config: str, where: str, batch_size: Any) -> str:
     """Write the accelerate config that runs DeepSpeed with `json_path`; return its path."""
     path = Path(json_path)
+    if not path.is_file():
+        raise FluidError(f"{where}: deepspeed: {path} " + ("is a folder, not a DeepSpeed JSON file" if path.is_dir()
+                                                           else "not found"))
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FluidError(f"{where}: deepspeed: {path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FluidError(f"{where}: deepspeed: {path} is not a JSON file ({e})") from None
-    micro = ds.get("train_micro_batch_size_per_gpu", "auto") if isinstance(ds, dict) else None
+    if not isinstance(ds, dict):
+        raise FluidError(f"{where}: deepspeed: {path} is not a DeepSpeed config (a JSON object), got "
+                         f"{json.dumps(ds)[:40]}")
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
     if micro != batch_size:
         # accelerate fills an "auto" micro-batch size only from a DataLoader passed to prepare(); fluid's loop
         # batches its rows itself.

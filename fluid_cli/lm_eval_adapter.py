@@ -119,7 +119,8 @@ class FluidLM(TemplateLM):
         self._max_length = max_length or context_length(self.model.lm.config) or DEFAULT_MAX_LENGTH
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
-        self.sampling = Sampling(float(temperature), float(top_p), int(top_k)) if temperature else None
+        # None: each task's own settings; a temperature of 0 given to the model is greedy decoding for every task
+        self.sampling = None if temperature is None else Sampling(float(temperature), float(top_p), int(top_k))
         if self.sampling is not None:
             self.sampling.check()
         self.seed, self.requests = int(seed), 0
@@ -273,7 +274,7 @@ class FluidLM(TemplateLM):
             if temperature > 0:
                 sampling = Sampling(temperature, float(kwargs.get("top_p", 1.0)), int(kwargs.get("top_k") or 0))
                 sampling.check("the task's generation kwargs")
-        if sampling is None:
+        if sampling is None or sampling.greedy:
             return GREEDY
         self.requests += 1
         return Sampling(sampling.temperature, sampling.top_p, sampling.top_k, (self.seed + self.requests - 1) % 2**63)

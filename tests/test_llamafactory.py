@@ -203,6 +203,24 @@ def test_unknown_entry_and_missing_file_are_named(tmp_path):
         source_spec(DataSource(dataset="a"), 0, data, "recipe")
 
 
+@pytest.mark.parametrize(("info", "message"), [
+    ([1, 2], r"dataset_info.json: expected an object of named datasets, got \[1, 2\]"),
+    ({"a": {"file_name": 5}}, r"dataset_info.json: a: file_name must be text .*got 5"),
+    ({"a": {"file_name": "a.json", "columns": {"prompt": "instruction", "response": "output", "sytem": "s"}}},
+     r"dataset_info.json: a: columns: 'sytem' is not a LLaMA-Factory column name \(known: prompt, query"),
+    ({"a": {"file_name": "a.json", "formatting": "sharegpt", "tags": {"role": "from"}}},
+     r"dataset_info.json: a: tags: 'role' is not a LLaMA-Factory tag name \(known: role_tag"),
+    ({"a": {"file_name": "a.json", "num_samples": True}}, r"dataset_info.json: a: num_samples must be a whole number"),
+])
+def test_malformed_entries_are_named_not_misread(tmp_path, info, message):
+    """A misspelt column or tag was dropped silently (its column never read); a list for the whole file was reported
+    as the dataset not being registered; `true` was read as 1 sample."""
+    (tmp_path / "a.json").write_text("[]")
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(FluidError, match=message):
+        source_spec(DataSource(dataset="a"), 0, DataConfig(dataset_dir=str(tmp_path)), "recipe")
+
+
 # --------------------------------------------------------------------------------------------- prepare-data
 
 
@@ -377,9 +395,15 @@ def test_yaml_absent_keys_take_llamafactory_defaults_and_set_overrides_work(tmp_
     ("learning_rate: -1.0e-4", r"train.yaml:2: learning_rate: \[train\] lr: must be greater than 0, got -0.0001"),
     ("cutoff_len: long", r"train.yaml:2: cutoff_len: \[data\] cutoff_len: expected an integer, got 'long'"),
     ("dataset: [a, 3]", r"train.yaml:2: dataset: \[data\] sources\[1\] dataset: expected a string, got 3"),
+    ("output_dir: [a]", r"train.yaml:2: output_dir: expected a folder name, got \['a'\]"),
+    ("enable_thinking: maybe", r"train.yaml:2: enable_thinking: expected true or false, got 'maybe'"),
+    ("dataset: 5", r"train.yaml:2: dataset: expected names \(a, b or a list\), got 5"),
+    ("dataset: {a: 1}", r"train.yaml:2: dataset: expected names \(a, b or a list\), got \{'a': 1\}"),
     ("lr_scheduler_type: [", r"train.yaml:\d: invalid YAML"),
     ("lr_scheduler_type: [cosine]", r"train.yaml:2: lr_scheduler_type: \['cosine'\] is not supported"),
     ("3: 4", r"train.yaml: 3: expected a key name"),
+    ("model_name_or_path: n", r"train.yaml:2: model_name_or_path: given twice \(first on line 1\); keep one"),
+    ("deepspeed: /", r"train.yaml:2: deepspeed: / is a folder, not a DeepSpeed JSON file"),
 ])
 def test_yaml_refused_and_bad_keys_are_one_line_errors_naming_the_line(tmp_path, line, message):
     from fluid_cli.config import load_recipe
@@ -400,6 +424,9 @@ def test_yaml_deepspeed_becomes_an_accelerate_deepspeed_config(tmp_path, monkeyp
     config = write(tmp_path, "model_name_or_path: m\nper_device_train_batch_size: 2\ndeepspeed: ds_z2.json\n")
     with pytest.raises(FluidError, match=r'train.yaml:3: deepspeed: ds_z2.json has train_micro_batch_size_per_gpu = '
                                          r'"auto"; write 2 \(per_device_train_batch_size\) there'):
+        load_recipe(config)
+    write(tmp_path, "[2]", "ds_z2.json")
+    with pytest.raises(FluidError, match=r"deepspeed: ds_z2.json is not a DeepSpeed config \(a JSON object\), got"):
         load_recipe(config)
     write(tmp_path, json.dumps({**ds, "train_micro_batch_size_per_gpu": 2}), "ds_z2.json")
     cfg = load_recipe(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -1418,3 +1419,35 @@ def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path, trained, dataset
     before = snapshot(out)
     error_line(fluid("train-stage1", recipe, "--resume"), message, alone=False)
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------ probing sampling and LLaMA-Factory input
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_with_nan_or_infinite_logits_is_refused_not_decoded(tmp_path, bad, temperature):
+    """argmax and sampling both pick a token from NaN scores (sampling picked the vocabulary's last one): one line,
+    nothing written as if it were the model's text."""
+    import torch
+
+    model = tiny_fluid_model(max_k=4)
+    with torch.no_grad():
+        model.lm.lm_head.weight[5] = bad  # inf times hidden states of either sign: +inf, -inf and NaN logits
+    save_model(model, tmp_path / "m")
+    error_line(fluid("generate", "--model", tmp_path / "m", "-p", "ab", "--max-new-tokens", "4", "--temperature",
+                     temperature, "--seed", "1"), "the model's logits are not numbers (NaN or infinite)")
+
+
+def test_hf_sampling_at_a_temperature_it_cannot_handle_is_one_line():
+    from fluid_cli.hf import generate_batch
+
+    with pytest.raises(FluidError, match=r"temperature = 1e-300: transformers' generate cannot sample at it"):
+        generate_batch(tiny_model(), [[5, 6]], 2, temperature=1e-300)
+
+
+def test_python_m_fluid_cli_cli_runs_the_command_line():
+    """`python -m fluid_cli.cli ...` did nothing and exited 0: the module had no __main__ guard."""
+    out = subprocess.run([sys.executable, "-m", "fluid_cli.cli", "recipe", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "Usage" in out.stdout, out

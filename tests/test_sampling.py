@@ -191,6 +191,21 @@ def test_warp_equals_hf_generate_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(got, ref.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
+def test_extreme_temperatures_are_their_limits(model):
+    """A temperature float32 rounds to 0 (1e-300) is greedy decoding, one it rounds to infinity (1e39) uniform over
+    the tokens the model can write: not NaN probabilities, from which `sample` drew the vocabulary's last token."""
+    logits = torch.tensor([[2.0, 1.0, -math.inf, 2.0 - 1e-6, -3.0]])
+    def warped(t):
+        return warp(logits, torch.tensor([t], dtype=torch.float64), torch.tensor([0]), torch.tensor([1.0]))[0].tolist()
+    assert warped(1e-300) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert warped(1e39) == [0.25, 0.25, 0.0, 0.25, 0.25]
+    settings = DecodeSettings(horizon="fixed", max_k=3, max_new_tokens=9, costs=CostTable.flat())
+    greedy, _ = decode_batch(model, [PROMPT], settings)
+    cold, _ = decode_batch(model, [Request(PROMPT, sampling=Sampling(1e-300, seed=i)) for i in range(4)], settings,
+                           batch_size=4)
+    assert {tuple(r.tokens) for r in cold} == {tuple(greedy[0].tokens)}
+
+
 def test_sample_draws_each_token_with_its_probability():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
     u = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000  # a uniform grid: counts are exact
@@ -297,6 +312,8 @@ def test_generate_samples_reproducibly_with_a_seed(fluid_dir):
     (["--temperature", "0.7", "--top-k", "-1"], "--top-k -1"),
     (["--temperature", "0.7", "--no-verify"], "sampling needs verification"),
     (["--temperature", "0.7", "--threshold", "0.5"], "sampling takes every draft slot from the first draft"),
+    (["--top-p", "0.5"], "--top-p 0.5: [generate] top_p: 0.5 without a temperature: greedy decoding does not use"),
+    (["--top-k", "5", "--temperature", "0"], "--top-k 5: [generate] top_k: 5 without a temperature"),
 ])
 def test_bad_sampling_flags_are_one_line_errors(fluid_dir, flags, message):
     result = _cli("generate", "--model", fluid_dir, "-p", "ab", *flags)
@@ -332,6 +349,8 @@ def test_eval_follows_the_tasks_generation_kwargs(fluid_dir):
     assert asked({"do_sample": True}) == Sampling(1.0, 1.0, 0, 10)
     assert asked({"do_sample": True, "temperature": 0.6, "top_p": 0.9}) == Sampling(0.6, 0.9, 0, 11)
     assert asked({"temperature": 0.0}).greedy
+    forced_greedy = FluidLM(str(fluid_dir), temperature=0.0)  # --temperature 0: greedy, even where a task samples
+    assert forced_greedy.sampling_for({"do_sample": True}, normalize_gen_kwargs({"do_sample": True})).greedy
     flagged = FluidLM(str(fluid_dir), temperature=0.8, top_k=5, seed=3)
     assert flagged.sampling_for({"do_sample": False}, normalize_gen_kwargs({"do_sample": False})) == \
         Sampling(0.8, 1.0, 5, 3)
