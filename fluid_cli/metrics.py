@@ -32,7 +32,7 @@ def fluid_stats(stats: DecodeStats) -> dict[str, Any]:
             "drafted_tokens": sum(k - 1 for k in stats.horizons),
             "accepted_drafts": sum(a - 1 for a in stats.accepted),
             "tokens_per_forward": round(stats.tokens_per_forward, 4), "mean_horizon": round(stats.mean_horizon, 4),
-            "exact_to": stats.exact_to}
+            "exact_to": stats.exact_to, "sampling": stats.sampling}
 
 
 class Metrics:

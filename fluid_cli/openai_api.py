@@ -6,9 +6,12 @@ shape `{"error": {"message", "type", "param", "code"}}` naming the field (the `o
 presence or frequency penalties, logit biases. Fields the API defines that do not change the output (`user`,
 `metadata`, ...) are ignored.
 
-Decoding is greedy: a request without `temperature` (or with 0) gets the model's greedy output, which verified
-FLUID decoding writes exactly. The sampling fields are parsed into one place, `SamplingFields`; until the decoder
-samples, a request that asks for sampling is refused there.
+Sampling: `temperature`, `top_p`, `seed` and `top_k` (in the client's `extra_body`) are read in one place,
+`SamplingFields`. A request without `temperature` decodes as the server's `[generate]` table says (greedy unless it
+sets a temperature), `temperature = 0` greedily; either way verified FLUID decoding writes exactly the model's greedy
+output, or tokens that follow its own warped distribution exactly (speculative sampling). Unlike OpenAI's API, whose
+default temperature is 1, the default is greedy: a `top_p` or `top_k` without a temperature is refused rather than
+silently ignored.
 
 Stop strings end the text before them, as OpenAI's API does (`fluid generate` keeps them, as HF generate does):
 `CompletionText` holds back, while streaming, text that may be the start of a stop string, so the streamed deltas
@@ -17,11 +20,13 @@ join to the same text as the whole response.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fluid_cli.acceptance import GREEDY, Sampling
 from fluid_cli.prompts import IncrementalText
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -189,7 +194,6 @@ def parse(body_type: type[_Body], raw: Any, model: str) -> _Body:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model!r}", param="model",
                        code="model_not_found")
     body.refuse_unsupported()
-    body.sampling().refuse_sampling()
     return body
 
 
@@ -203,17 +207,33 @@ class SamplingFields:
     top_k: int | None
     seed: int | None
 
-    def refuse_sampling(self) -> None:
-        """The decoder is greedy: a request that asks for sampling is refused, naming the field."""
-        asks = {"temperature": self.temperature is not None and self.temperature > 0,
-                "top_p": self.top_p is not None and self.top_p < 1,
-                "top_k": self.top_k is not None and self.top_k > 0,
-                "seed": self.seed is not None}
-        field = next((name for name, asked in asks.items() if asked), None)
-        if field is not None:
-            raise bad_request(field, "sampling is not available yet: this server decodes greedily (leave "
-                                     "temperature unset or 0, top_p unset or 1, top_k and seed unset)",
-                              code="sampling_unsupported")
+    def resolve(self, default: Sampling) -> Sampling:
+        """The request's sampling: its fields over the server's `default`; `temperature = 0` is greedy decoding
+        (its `top_p`, `top_k` and `seed` unused). A value without meaning is a 400 naming its field.
+
+            >>> SamplingFields(0.7, 0.9, None, 3).resolve(GREEDY)
+            Sampling(temperature=0.7, top_p=0.9, top_k=0, seed=3)
+            >>> SamplingFields(None, None, None, 3).resolve(GREEDY).greedy
+            True
+        """
+        temperature = default.temperature if self.temperature is None else self.temperature
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise bad_request("temperature", f"{temperature}: must be 0 (greedy) or a positive number")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad_request("top_p", f"{self.top_p}: must be in (0, 1] (1 keeps every token)")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad_request("top_k", f"{self.top_k}: must be 0 (every token) or more")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad_request("seed", f"{self.seed}: must be between 0 and 2**63 - 1")
+        if temperature == 0:
+            narrowed = "top_p" if (self.top_p or 1) < 1 else "top_k" if self.top_k else None
+            if narrowed is not None and self.temperature is None:
+                raise bad_request(narrowed, "this server decodes greedily unless a request sets a temperature: send "
+                                            "temperature > 0 with it")
+            return GREEDY
+        return Sampling(temperature, default.top_p if self.top_p is None else self.top_p,
+                        default.top_k if self.top_k is None else self.top_k,
+                        default.seed if self.seed is None else self.seed)
 
 
 # --------------------------------------------------------------------------------------------- the text

@@ -39,12 +39,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from rich.console import Console
 
 from fluid_cli.config import Recipe
-from fluid_cli.decode import Decoder, DecodeResult, ar_settings, generation_budget
+from fluid_cli.acceptance import GREEDY, Sampling
+from fluid_cli.decode import Decoder, DecodeResult, ar_settings, check_sampling, generation_budget
 from fluid_cli.decode import Request as DecodeRequest
 from fluid_cli.engine import Engine, Job, QueueFull, Stopped
 from fluid_cli.errors import FluidError
 from fluid_cli.hf import context_length
 from fluid_cli.inference import decode_settings, generate_config, load_decoding_model
+from fluid_cli.inference import sampling as default_sampling
 from fluid_cli.metrics import Metrics, fluid_stats
 from fluid_cli.model import FluidModel
 from fluid_cli.openai_api import (
@@ -74,6 +76,7 @@ class Service:
     max_tokens: int  # a request's default max_tokens ([generate] max_new_tokens)
     stops: list[str]  # a request's default stop strings ([generate] stop)
     created: int
+    sampling: Sampling = GREEDY  # a request's default ([generate] temperature, top_p, top_k, seed)
 
     def submit(self, ids: list[int], body: Any, param: str) -> tuple[Job, CompletionText]:
         """Queue a request's prompt ids; `param` names the prompt's field in errors."""
@@ -87,8 +90,14 @@ class Service:
             budget = generation_budget(self.model, ids, min(limit, self.max_len - len(ids)))
         except FluidError as e:  # an empty prompt
             raise bad_request(param, str(e)) from None
+        sampling = body.sampling().resolve(self.sampling)
+        try:  # the server's decoding settings must allow it (verified, threshold 0)
+            check_sampling(self.engine.decoder.plan, self.engine.decoder.settings.verify, sampling)
+        except FluidError as e:
+            raise bad_request("temperature", str(e)) from None
         try:
-            job = self.engine.submit(DecodeRequest(ids, budget[0], stop_strings(self.model.tokenizer, stops)), budget)
+            job = self.engine.submit(DecodeRequest(ids, budget[0], stop_strings(self.model.tokenizer, stops),
+                                                   sampling), budget)
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
         except Stopped as e:
@@ -99,6 +108,16 @@ class Service:
     def cancel(self, job: Job) -> None:
         self.engine.cancel(job)
         self.metrics.finished.labels("cancelled").inc()
+
+
+def _encode(service: Service, prompt: str | list[dict[str, str]], param: str, chat: bool) -> list[int]:
+    """A prompt's ids, as `fluid generate` encodes it: text that spells the model's mask token is refused (a 400
+    naming the field)."""
+    try:
+        return encode_prompt(service.model.tokenizer, prompt, chat_template=chat, mask_token=service.model.meta.mask_token,
+                             where=param)
+    except FluidError as e:
+        raise bad_request(param, str(e)) from None
 
 
 def create_app(service: Service) -> Any:
@@ -130,7 +149,7 @@ def create_app(service: Service) -> Any:
         tokenizer = service.model.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise bad_request("messages", "this model's tokenizer has no chat template: use /v1/completions")
-        ids = encode_prompt(tokenizer, body.chat(), chat_template=True)
+        ids = _encode(service, body.chat(), "messages", chat=True)
         return await _respond(service, request, body, ids, "messages", chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
@@ -138,7 +157,7 @@ def create_app(service: Service) -> Any:
         body = parse(CompletionBody, await _json(request), service.name)
         prompt = body.text_or_ids()
         if isinstance(prompt, str):
-            ids = encode_prompt(service.model.tokenizer, prompt, chat_template=False)
+            ids = _encode(service, prompt, "prompt", chat=False)
         else:
             vocab = service.model.lm.get_input_embeddings().weight.shape[0]
             if not all(0 <= i < vocab for i in prompt):
@@ -305,7 +324,7 @@ def build_service(recipe: Recipe, model: FluidModel | None = None) -> Service:
     metrics.watch(engine)
     name = sc.model_name or Path(cfg.model_dir).resolve().name
     return Service(model, engine, metrics, name, sc.api_key, max_len, cfg.max_new_tokens, list(cfg.stop),
-                   int(time.time()))
+                   int(time.time()), default_sampling(cfg))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -59,9 +61,11 @@ class Running:
 
 
 @contextmanager
-def serving(model_dir: Path, *keys: str) -> Iterator[Running]:
-    """A server in a thread of this process, on a free port, with `[serve]` keys (`"max_queue=1"`)."""
-    recipe = load_recipe_text("", [f"generate.model_dir={model_dir}", *(f"serve.{k}" for k in keys)])
+def serving(model_dir: Path, *keys: str, generate: tuple[str, ...] = ()) -> Iterator[Running]:
+    """A server in a thread of this process, on a free port, with `[serve]` keys (`"max_queue=1"`) and
+    `[generate]` keys."""
+    recipe = load_recipe_text("", [f"generate.model_dir={model_dir}", *(f"serve.{k}" for k in keys),
+                                   *(f"generate.{k}" for k in generate)])
     service = build_service(recipe)
     sock = bind("127.0.0.1", 0)
     server = server_for(service, drain_s=5)
@@ -189,8 +193,10 @@ def test_a_late_request_starts_while_others_decode(server):
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
-    ({"temperature": 0.7}, "temperature"), ({"top_p": 0.9}, "top_p"), ({"seed": 1}, "seed"),
-    ({"extra_body": {"top_k": 5}}, "top_k"), ({"prompt": "x" * 300}, "prompt"), ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -1}, "temperature"), ({"top_p": 0.9}, "top_p"), ({"temperature": 0.7, "top_p": 1.5}, "top_p"),
+    ({"temperature": 0.7, "seed": -1}, "seed"), ({"extra_body": {"top_k": 5}}, "top_k"),
+    ({"temperature": 0.7, "extra_body": {"top_k": -2}}, "top_k"),
+    ({"prompt": "x" * 300}, "prompt"), ({"max_tokens": 0}, "max_tokens"), ({"prompt": "a <|mask|> b"}, "prompt"),
 ])
 def test_refused_fields_are_bad_requests_naming_the_field(server, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -331,3 +337,29 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(monkeypatch,
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # not installed
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "uvicorn is missing" in result.output and "fluid-cli[serve]" in result.output
+
+
+def test_sampled_requests_follow_their_seed_as_fluid_generate_does(model_dir):
+    """With fixed horizons a seeded request is reproducible: the same text again, alone or among concurrent
+    requests, streamed or not, and the same as `fluid generate` with that seed."""
+    flags = ("--no-chat-template", "--horizon", "fixed", "--temperature", "1.5", "--top-p", "0.95", "--seed", "5")
+    ref = generate(model_dir, ["hello"], *flags)[0]
+    with serving(model_dir, generate=("horizon='fixed'",)) as running:
+        client = running.client()
+
+        def ask(seed: int, prompt: str = "hello") -> Any:
+            return client.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=1.5, top_p=0.95,
+                                             seed=seed)
+
+        first = ask(5)
+        assert first.choices[0].text == ref["text"]
+        assert first.model_extra["fluid"]["sampling"] == {"temperature": 1.5, "top_p": 0.95, "top_k": 0, "seed": 5}
+        alone = {s: ask(s, p).choices[0].text for s, p in enumerate(PROMPTS[:8])}
+        with ThreadPoolExecutor(8) as pool:
+            together = dict(zip(alone, pool.map(lambda sp: ask(*sp).choices[0].text, enumerate(PROMPTS[:8]))))
+        assert together == alone
+        streamed = client.completions.create(model=NAME, prompt="hello", max_tokens=N, temperature=1.5, top_p=0.95,
+                                             seed=5, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == ref["text"]
+        greedy = client.completions.create(model=NAME, prompt="hello", max_tokens=N, temperature=0, seed=5)
+        assert greedy.model_extra["fluid"]["sampling"] is None
