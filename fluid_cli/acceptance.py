@@ -115,17 +115,19 @@ def warp(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, t
     x = logits.float()
     inverse = temperature.cpu().double().reciprocal().clamp(finfo.tiny, finfo.max).float().to(x.device)
     z = (x - x.max(-1, keepdim=True).values) * inverse[:, None]
-    if not bool((top_k > 0).any() or (top_p < 1).any()):  # temperature alone: no sort needed
+    need_k, need_p = bool((top_k > 0).any()), bool((top_p < 1).any())  # each step costs: only where asked
+    if not (need_k or need_p):
         return z.softmax(-1)
     sorted_z, order = z.sort(-1, descending=True)
-    rank = torch.arange(z.shape[-1], device=z.device)
-    k = top_k.to(z.device)[:, None]
-    sorted_z = sorted_z.masked_fill((k > 0) & (rank >= k), -math.inf)
+    if need_k:
+        k = top_k.to(z.device)[:, None]
+        sorted_z = sorted_z.masked_fill((k > 0) & (torch.arange(z.shape[-1], device=z.device) >= k), -math.inf)
     probs = sorted_z.softmax(-1)
-    before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
-    p = top_p.float().to(z.device)[:, None]
-    probs = probs.masked_fill((before >= p) & (p < 1), 0.0)  # top-p 1 keeps all, whatever the rounding of the sums
-    probs = probs / probs.sum(-1, keepdim=True)
+    if need_p:
+        before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
+        p = top_p.float().to(z.device)[:, None]
+        probs = probs.masked_fill((before >= p) & (p < 1), 0.0)  # top-p 1 keeps all, whatever the sums' rounding
+        probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
