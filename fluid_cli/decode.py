@@ -20,6 +20,12 @@ KV cache (`fluid_cli.cache.RowCache`: a token's cache column is its position); t
 4. **commit** the accepted tokens (their KV stays cached: rolling back is moving the row's length); stop at EOS, a
    stop sequence, `max_new_tokens` or the end of the model's context.
 
+**Sampling** (`temperature > 0`, per request): slot 0 is a sample of the model's warped distribution, each draft
+a sample of its mask row's warped distribution `q`, and verification keeps a draft with probability
+`min(1, p/q)`, else commits a sample of the residual `max(0, p - q)` and ends the block (`fluid_cli.acceptance`):
+every committed token follows the model's own distribution. Each request draws its uniforms from its own
+generator, in a fixed order per forward (`Decoder._sample`); horizons never look at drafted values.
+
 Forwards that can share a pass do: the verify forward of block `t` also carries block `t+1`'s first draft,
 `[block t, [M] x m]` (attention is causal, so the masks change nothing for the block; if the block is accepted
 whole, its last output is the next slot 0 and the masks' outputs the next first draft); a cut block's correction
