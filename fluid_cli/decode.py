@@ -918,8 +918,8 @@ class Decoder:
     # -- forward costs ----------------------------------------------------------------------------------------------
     def _probe_costs(self, prompt: list[int], batch: BatchStats) -> CostTable:
         """Time decode forwards of 1..2K-1 rows per batch row after a prefix (compiled: the two shapes there are),
-        cached per model (and adapter), device, dtype, batch size, thread count and package versions; the probe's forwards are counted apart from
-        the generations'."""
+        cached per model (and adapter), device, dtype, batch size, thread count and package versions; the probe's
+        forwards are counted apart from the generations'."""
         model, n = self.model, min(self.batch_size, 64)
         config = model.lm.config.to_dict()
         key = {"model": {k: config.get(k) for k in sorted(config) if not k.startswith(("_", "transformers"))},

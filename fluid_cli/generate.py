@@ -145,7 +145,8 @@ def run(recipe: Recipe, prompts: list[Prompt], *, json_output: bool = False, com
         out.file.write(json.dumps(payload, indent=2) + "\n")  # raw: no markup, no wrapping
     else:
         err.print(stats_table(generations, model))
-        if compare_ar and cfg.verify and not cfg.temperature and any(g.ar.tokens != g.fluid.tokens for g in generations):
+        if compare_ar and cfg.verify and not cfg.temperature and \
+                any(g.ar.tokens != g.fluid.tokens for g in generations):
             err.print("[yellow]verified output differs from greedy decoding (floating-point near-ties can do "
                       "this, more often in low precision)[/]")
     return generations

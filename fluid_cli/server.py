@@ -114,8 +114,8 @@ def _encode(service: Service, prompt: str | list[dict[str, str]], param: str, ch
     """A prompt's ids, as `fluid generate` encodes it: text that spells the model's mask token is refused (a 400
     naming the field)."""
     try:
-        return encode_prompt(service.model.tokenizer, prompt, chat_template=chat, mask_token=service.model.meta.mask_token,
-                             where=param)
+        return encode_prompt(service.model.tokenizer, prompt, chat_template=chat,
+                             mask_token=service.model.meta.mask_token, where=param)
     except FluidError as e:
         raise bad_request(param, str(e)) from None
 

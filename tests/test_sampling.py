@@ -44,7 +44,8 @@ def tiny_vocab_model() -> FluidModel:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         embed = lm.model.embed_tokens.weight
-        embed.copy_(torch.randn(embed.shape[1], generator=generator) + 0.3 * torch.randn(embed.shape, generator=generator))
+        shared = torch.randn(embed.shape[1], generator=generator)
+        embed.copy_(shared + 0.3 * torch.randn(embed.shape, generator=generator))
         lm.lm_head.weight.mul_(30)
     meta = FluidMeta(mask_token="<m>", mask_token_id=MASK, max_k=3, vocab_size=VOCAB, weights="full")
     return FluidModel(lm, KHead(32, 3), meta).eval()
