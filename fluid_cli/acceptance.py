@@ -55,17 +55,26 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def check(self, where: str = "") -> None:
-        """One-line errors for values that have no meaning (`where` prefixes them, e.g. a flag's name)."""
-        at = f"{where}: " if where else ""
+    def problem(self) -> tuple[str, str] | None:
+        """The first field whose value has no meaning, with what is wrong (None: all fine).
+
+            >>> Sampling(0.7, top_p=1.5).problem()
+            ('top_p', 'top_p = 1.5: must be in (0, 1] (1 keeps every token)')
+        """
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also NaN
-            raise FluidError(f"{at}temperature = {self.temperature}: must be 0 (greedy) or a positive number")
+            return "temperature", f"temperature = {self.temperature}: must be 0 (greedy) or a positive number"
         if not 0 < self.top_p <= 1:
-            raise FluidError(f"{at}top_p = {self.top_p}: must be in (0, 1] (1 keeps every token)")
+            return "top_p", f"top_p = {self.top_p}: must be in (0, 1] (1 keeps every token)"
         if self.top_k < 0:
-            raise FluidError(f"{at}top_k = {self.top_k}: must be 0 (every token) or more")
+            return "top_k", f"top_k = {self.top_k}: must be 0 (every token) or more"
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise FluidError(f"{at}seed = {self.seed}: must be between 0 and 2**63 - 1")
+            return "seed", f"seed = {self.seed}: must be between 0 and 2**63 - 1"
+        return None
+
+    def check(self, where: str = "") -> None:
+        """A one-line error for a value that has no meaning (`where` prefixes it, e.g. a flag's name)."""
+        if (problem := self.problem()) is not None:
+            raise FluidError(f"{where}: {problem[1]}" if where else problem[1])
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}

@@ -20,7 +20,6 @@ join to the same text as the whole response.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -216,24 +215,19 @@ class SamplingFields:
             >>> SamplingFields(None, None, None, 3).resolve(GREEDY).greedy
             True
         """
-        temperature = default.temperature if self.temperature is None else self.temperature
-        if not (temperature >= 0 and math.isfinite(temperature)):
-            raise bad_request("temperature", f"{temperature}: must be 0 (greedy) or a positive number")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise bad_request("top_p", f"{self.top_p}: must be in (0, 1] (1 keeps every token)")
-        if self.top_k is not None and self.top_k < 0:
-            raise bad_request("top_k", f"{self.top_k}: must be 0 (every token) or more")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise bad_request("seed", f"{self.seed}: must be between 0 and 2**63 - 1")
-        if temperature == 0:
+        asked = Sampling(default.temperature if self.temperature is None else self.temperature,
+                         default.top_p if self.top_p is None else self.top_p,
+                         default.top_k if self.top_k is None else self.top_k,
+                         default.seed if self.seed is None else self.seed)
+        if (problem := asked.problem()) is not None:
+            raise bad_request(*problem)
+        if asked.greedy:
             narrowed = "top_p" if (self.top_p or 1) < 1 else "top_k" if self.top_k else None
             if narrowed is not None and self.temperature is None:
                 raise bad_request(narrowed, "this server decodes greedily unless a request sets a temperature: send "
                                             "temperature > 0 with it")
             return GREEDY
-        return Sampling(temperature, default.top_p if self.top_p is None else self.top_p,
-                        default.top_k if self.top_k is None else self.top_k,
-                        default.seed if self.seed is None else self.seed)
+        return asked
 
 
 # --------------------------------------------------------------------------------------------- the text
