@@ -35,7 +35,7 @@ Worked example, one row, a vocabulary of three tokens: the draft (token 0) is tw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,6 +75,10 @@ class Sampling:
         """A one-line error for a value that has no meaning (`where` prefixes it, e.g. a flag's name)."""
         if (problem := self.problem()) is not None:
             raise FluidError(f"{where}: {problem[1]}" if where else problem[1])
+
+    def nth(self, i: int) -> Sampling:
+        """The settings of the `i`-th request of a run seeded with `seed`: its own stream, `seed + i`."""
+        return replace(self, seed=(self.seed + i) % 2**63)
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}

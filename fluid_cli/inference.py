@@ -48,7 +48,7 @@ def requests(prompts: list[list[int]], sampling: Sampling) -> list[Request]:
     the default cost policy's depend on the forward costs measured for the batch size, so there it may differ)."""
     if sampling.greedy or sampling.seed is None:
         return [Request(p) for p in prompts]
-    return [Request(p, sampling=replace(sampling, seed=(sampling.seed + i) % 2**63)) for i, p in enumerate(prompts)]
+    return [Request(p, sampling=sampling.nth(i)) for i, p in enumerate(prompts)]
 
 
 def decode_settings(cfg: GenerateConfig, model: FluidModel) -> DecodeSettings:

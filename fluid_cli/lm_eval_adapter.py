@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: `fluid` is added to them, not alone)
@@ -277,7 +278,7 @@ class FluidLM(TemplateLM):
         if sampling is None or sampling.greedy:
             return GREEDY
         self.requests += 1
-        return Sampling(sampling.temperature, sampling.top_p, sampling.top_k, (self.seed + self.requests - 1) % 2**63)
+        return replace(sampling, seed=self.seed).nth(self.requests - 1)
 
     def warm_up(self, decoders: list[str]) -> None:
         """Decode a few tokens with each of `decoders`, so that one-time costs (allocations, kernel choices, the
