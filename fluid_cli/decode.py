@@ -869,7 +869,7 @@ class Decoder:
         as many as its own feed needs, in a fixed order: so its draws do not depend on the rest of the batch."""
         rows: list[int] = []  # `logits` rows to warp, and each one's temperature, top-k, top-p
         params: list[tuple[float, int, float]] = []
-        checks, check_q, fresh, drafts = [], [], [], []  # positions in `rows`
+        checks, check_q, check_ids, fresh, drafts = [], [], [], [], []  # positions in `rows`; verified drafts
         u_accept, u_residual, u_fresh, u_draft = [], [], [], []
         spans_q: dict[int, tuple[int, int]] = {}
         for b, (f, span) in enumerate(zip(feeds, spans)):
@@ -885,6 +885,7 @@ class Decoder:
             drafts += range(at + n_main, at + n_main + d)
             if n_check:
                 check_q.append(f.q)
+                check_ids += f.checks
             spans_q[b] = (len(drafts) - d, d)  # where its rows sit among all drafted rows
             u = torch.rand(2 * n_check + n_main - n_check + d, generator=f.sampler.generator, dtype=torch.float64)
             u_accept.append(u[:n_check])
@@ -902,9 +903,8 @@ class Decoder:
         top_k, top_p = torch.tensor(top_ks), torch.tensor(top_ps)
         probs = warp(logits[at], temperature, top_k, top_p)
         chosen = torch.empty(len(rows), dtype=ids.dtype, device=device)
-        flat_checks = [t for f in feeds if f is not None and f.sampler is not None for t in f.checks]
         if checks:
-            chosen[checks] = choose(probs[checks], torch.cat(check_q), torch.tensor(flat_checks, device=device),
+            chosen[checks] = choose(probs[checks], torch.cat(check_q), torch.tensor(check_ids, device=device),
                                     torch.cat(u_accept), torch.cat(u_residual))
         if fresh:
             chosen[fresh] = sample(probs[fresh], torch.cat(u_fresh))
